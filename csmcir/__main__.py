@@ -1,0 +1,5 @@
+import sys
+
+from csmcir.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""File helpers shared by every module: atomic writes and JSON reads that name the fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from csmcir.errors import DataError
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through ``write(fileobj)`` to a temp file in the same folder, then rename.
+
+    A killed process leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dump_json(obj: Any, indent: int | None = 2) -> str:
+    """The project's one JSON style: keys in insertion order, UTF-8, a trailing newline."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, dump_json(obj, indent))
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Load JSON; a missing file or a syntax error becomes a DataError naming file and position."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"malformed {what} {path}: {e.msg} at line {e.lineno}, column {e.colno} (char {e.pos})"
+        ) from None
