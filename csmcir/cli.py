@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("csmcir.quickstart", "the whole method end to end on the synthetic benchmark"),
     "data": ("csmcir.data.cli", "datasets: synth (generate the synthetic benchmark), check"),
     "caption": ("captioning.cli", "offline MCoT captioning: run, merge, show"),
-    "features": ("csmcir.features.cli", "frozen-ViT feature cache: extract"),
+    "features": ("csmcir.model.features_cli", "frozen-ViT feature cache: extract"),
     "fit": ("csmcir.train.cli", "train a model (LightningCLI)"),
     "validate": ("csmcir.train.cli", "validate a model (LightningCLI)"),
     "eval": ("csmcir.evaluation.cli", "Recall@K / mAP@K on a benchmark, test-server submissions"),

@@ -1,0 +1,53 @@
+"""Write a benchmark's figures into its own section of BENCHMARKS.md.
+
+Each benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; rerunning
+it replaces only that section, so the file collects every benchmark's latest figures.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import platform
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from csmcir.io import atomic_write_text
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Figures written by the scripts in `bench/`; each section names the command that produced it.\n"
+    "Ratios are measured within one run: the machines are shared and noisy.\n"
+)
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section ``name`` with ``body``, stamped with command and date."""
+    command = "python " + " ".join(sys.argv)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    section = (
+        f"<!-- bench:{name} -->\n{body.rstrip()}\n\n"
+        f"Command: `{command}` ({stamp}; {machine()})\n<!-- /bench:{name} -->"
+    )
+    lock = path.with_suffix(".lock")
+    with lock.open("w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        pattern = re.compile(
+            rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S
+        )
+        text = (
+            pattern.sub(lambda _: section, text)
+            if pattern.search(text)
+            else f"{text.rstrip()}\n\n{section}\n"
+        )
+        atomic_write_text(path, text)
+    lock.unlink(missing_ok=True)
