@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from csmcir.errors import ConfigError
+from csmcir.train.loss import info_nce
 from csmcir.train.memory_bank import (
     EMPTY,
     MemoryBank,
@@ -152,7 +153,7 @@ def negatives_for(bank: MemoryBank, q_angle: float = 0.0, t_angle: float = 0.0, 
 
 def selected_ids(bank: MemoryBank, neg) -> set[int]:
     """Image ids of the kept negatives, recovered from their cosine to the query at angle 0."""
-    cos = neg.logits[0][neg.mask[0]]
+    cos = neg.similarities[0][neg.mask[0]]
     found = set()
     for c in cos.tolist():
         match = (bank.embeddings[:, 0] - c).abs().argmin()
@@ -163,17 +164,19 @@ def selected_ids(bank: MemoryBank, neg) -> set[int]:
 def test_hardest_top_k_picks_the_most_similar_entries() -> None:
     bank = bank_with_angles([80.0, 10.0, 50.0, 30.0, 170.0], selection="hardest", top_k=2)
     neg = negatives_for(bank)
-    assert neg.logits.shape == (1, 2)
-    assert neg.logits[0].tolist() == pytest.approx([math.cos(math.radians(a)) for a in (10, 30)])
+    assert neg.similarities.shape == (1, 2)
+    assert neg.similarities[0].tolist() == pytest.approx(
+        [math.cos(math.radians(a)) for a in (10, 30)]
+    )
     assert selected_ids(bank, neg) == {101, 103}
 
 
 def test_all_selection_returns_every_live_entry() -> None:
     bank = bank_with_angles([80.0, 10.0, 50.0])
     neg = negatives_for(bank)
-    assert neg.logits.shape == (1, 3) and neg.mask.all()
+    assert neg.similarities.shape == (1, 3) and neg.mask.all()
     expected = [math.cos(math.radians(a)) for a in (80, 10, 50)]
-    assert neg.logits[0].tolist() == pytest.approx(expected)
+    assert neg.similarities[0].tolist() == pytest.approx(expected)
 
 
 def test_random_selection_draws_only_usable_entries() -> None:
@@ -211,7 +214,7 @@ def test_false_negatives_masked_by_target_and_reference_id() -> None:
     neg = negatives_for(bank, target_ids=ids(100), reference_ids=ids(101))
     assert selected_ids(bank, neg) == {102}
     assert neg.stats["bank/false_neg_share"].item() == pytest.approx(2 / 3)
-    assert torch.isinf(neg.logits[~neg.mask]).all()
+    assert torch.isinf(neg.logits(1.0)[~neg.mask]).all()
 
 
 def test_false_negatives_masked_by_margin_over_the_positive() -> None:
@@ -231,9 +234,9 @@ def test_staleness_weights_and_temperature() -> None:
     bank.write(unit(60.0), ids(2), step=3)
     neg = negatives_for(bank, step=5, temperature=0.5)  # ages 4 and 2
     expected = [1.0 / 0.5 - 4 / 4.0, 0.5 / 0.5 - 2 / 4.0]
-    assert neg.logits[0][neg.mask[0]].tolist() == pytest.approx(expected)
+    assert neg.logits(0.5)[0][neg.mask[0]].tolist() == pytest.approx(expected)
     # as a weight on exp(logit): exp(-age / tau)
-    weights = (neg.logits[0][neg.mask[0]] - torch.tensor([2.0, 1.0])).exp()
+    weights = (neg.logits(0.5)[0][neg.mask[0]] - torch.tensor([2.0, 1.0])).exp()
     assert weights.tolist() == pytest.approx([math.exp(-1.0), math.exp(-0.5)])
 
 
@@ -241,7 +244,7 @@ def test_auto_offset_is_minus_log_live_over_batch() -> None:
     bank = bank_with_angles([0.0] * 16, logit_offset="auto")
     neg = negatives_for(bank, in_batch_logits=torch.zeros(1, 4))
     assert neg.stats["bank/offset"].item() == pytest.approx(-math.log(16 / 4))
-    assert neg.logits[0].tolist() == pytest.approx([1.0 - math.log(4)] * 16)
+    assert neg.logits(1.0)[0].tolist() == pytest.approx([1.0 - math.log(4)] * 16)
     # 16 bank logits of 1 - log 4 weigh as much as 4 logits of 1, against 4 in-batch logits of 0
     in_batch = torch.zeros(1, 4)
     share = 4 * math.e / (4 * math.e + 4)
@@ -258,7 +261,7 @@ def test_max_share_caps_each_querys_bank_mass() -> None:
     in_batch = torch.tensor([[0.0, -1.0], [4.0, 4.0]])
     q = unit(0.0, 0.0)
     neg = bank.negatives(q, q, in_batch, ids(-1, -1), None, step=1, temperature=1.0)
-    bank_mass = neg.logits.exp().sum(dim=-1)
+    bank_mass = neg.logits(1.0).exp().sum(dim=-1)
     share = bank_mass / (bank_mass + in_batch.exp().sum(dim=-1))
     # query 0 would hold 8e / (8e + 1 + 1/e) = 0.94 -> capped at 0.2;
     # query 1 holds 8e / (8e + 2e^4) = 0.17, under the cap: untouched
@@ -275,34 +278,38 @@ def test_gradient_reaches_queries_but_never_bank_entries() -> None:
     before = bank.embeddings.clone()
     q = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
     t = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
-    in_batch = q @ t.T / 0.1
-    neg = bank.negatives(q, t, in_batch, ids(100, 101, 102), None, step=1, temperature=0.1)
-    logits = torch.cat([in_batch, neg.logits], dim=1)
-    loss = F.cross_entropy(logits, torch.arange(3))
+    sim, tau = q @ t.T, 0.1
+    neg = bank.negatives(q, t, sim / tau, ids(100, 101, 102), None, step=1, temperature=tau)
+    assert not neg.bias.requires_grad
+    loss = info_nce(
+        sim, tau, extra_logits=neg.similarities, extra_bias=neg.bias, extra_mask=neg.mask
+    )
     loss.backward()
     assert not bank.embeddings.requires_grad and bank.embeddings.grad is None
     assert torch.equal(bank.embeddings, before)
     # d loss / d q = sum_j (p_j - y_j) v_j / (B T), over in-batch targets and the selected entries
-    p = logits.detach().softmax(dim=-1)
-    idx = bank.embeddings @ q.detach().T  # recover the hardest 4 per query
-    top = idx.T.topk(4, dim=-1).indices
+    logits = torch.cat([sim.detach() / tau, neg.logits(tau).detach()], dim=1)
+    p = logits.softmax(dim=-1)
+    top = (q.detach() @ bank.embeddings.T).topk(4, dim=-1).indices  # the 4 hardest per query
     candidates = torch.cat([t.detach()[None].expand(3, -1, -1), bank.embeddings[top]], dim=1)
     y = F.one_hot(torch.arange(3), logits.shape[1]).float()
-    expected = torch.einsum("bk,bkd->bd", p - y, candidates) / (3 * 0.1)
+    expected = torch.einsum("bk,bkd->bd", p - y, candidates) / (3 * tau)
     assert torch.allclose(q.grad, expected, atol=1e-5)
     # the targets' gradient comes from the in-batch logits alone
-    expected_t = torch.einsum("bk,bd->kd", (p - y)[:, :3], q.detach()) / (3 * 0.1)
+    expected_t = torch.einsum("bk,bd->kd", (p - y)[:, :3], q.detach()) / (3 * tau)
     assert torch.allclose(t.grad, expected_t, atol=1e-5)
 
 
 def test_empty_bank_leaves_the_loss_unchanged() -> None:
     bank = make_bank(dim=4, size=8, selection="hardest", top_k=4)
     q = F.normalize(torch.randn(2, 4), dim=-1).requires_grad_()
-    in_batch = q @ q.detach().T
-    neg = bank.negatives(q, q, in_batch, ids(1, 2), None, step=0, temperature=1.0)
+    sim = q @ q.detach().T
+    neg = bank.negatives(q, q, sim, ids(1, 2), None, step=0, temperature=1.0)
     assert not neg.mask.any()
-    loss = F.cross_entropy(torch.cat([in_batch, neg.logits], 1), torch.arange(2))
-    assert loss.item() == pytest.approx(F.cross_entropy(in_batch, torch.arange(2)).item())
+    loss = info_nce(
+        sim, 1.0, extra_logits=neg.similarities, extra_bias=neg.bias, extra_mask=neg.mask
+    )
+    assert loss.item() == pytest.approx(info_nce(sim, 1.0).item())
     loss.backward()
     assert torch.isfinite(q.grad).all()
     assert neg.stats["bank/share"].item() == 0.0
@@ -328,7 +335,7 @@ def test_state_dict_round_trip_through_a_checkpoint() -> None:
     q = F.normalize(torch.randn(2, 4), dim=-1)
     a = parent.bank.negatives(q, q, torch.randn(2, 2), ids(0, 1), None, step=4, temperature=0.1)
     b = restored.bank.negatives(q, q, torch.randn(2, 2), ids(0, 1), None, step=4, temperature=0.1)
-    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.similarities, b.similarities) and torch.equal(a.bias, b.bias)
 
 
 def test_loading_a_bank_of_another_size_names_the_knob() -> None:

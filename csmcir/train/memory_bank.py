@@ -176,16 +176,22 @@ def all_reduce_mean(x: Tensor) -> Tensor:
 
 @dataclass
 class BankNegatives:
-    """What the loss needs from the bank for one batch.
+    """What the loss needs from the bank for one batch, in the form ``train.loss.info_nce`` takes.
 
-    ``logits`` [B, K] are in the same units as the in-batch logits (cosine / temperature, plus the
-    offsets); masked slots hold -inf and are False in ``mask``. Gradients reach ``q`` only.
-    ``stats`` are scalars to log.
+    ``similarities`` [B, K] are cosines to the selected entries (gradient to the queries only),
+    ``bias`` [B, K] the gradient-free additive logit terms (share offset, staleness, cap) applied
+    after the temperature, ``mask`` [B, K] True where an entry is a usable negative.
     """
 
-    logits: Tensor
+    similarities: Tensor
+    bias: Tensor
     mask: Tensor
     stats: dict[str, Tensor]
+
+    def logits(self, temperature: float | Tensor) -> Tensor:
+        """similarity / temperature + bias, with -inf where masked: the extra softmax columns."""
+        logits = self.similarities / temperature + self.bias
+        return logits.masked_fill(~self.mask, -math.inf)
 
 
 class MemoryBank(nn.Module):
@@ -276,54 +282,52 @@ class MemoryBank(nn.Module):
         step: int,
         temperature: float | Tensor,
     ) -> BankNegatives:
-        """Bank logits for each query: live entries, false negatives masked, selected, offset.
+        """Bank negatives for each query: live entries, false negatives masked, selected, offset.
 
         ``q``, ``t`` are this rank's [B, D] queries and positives (L2-normalised),
-        ``in_batch_logits`` the [B, N] in-batch logits (cosine / temperature) the loss uses; their
-        per-query entropy h_i scales k for ``selection="entropy"``.
+        ``in_batch_logits`` the [B, N] in-batch logits (similarity / temperature) the loss uses:
+        their per-query entropy h_i scales k for ``selection="entropy"``, their column count sets
+        the ``auto`` offset and their mass the ``max_share`` cap.
         """
         c = self.config
         self.evict(step)
         live = self.live_mask(step)
         n_live = int(live.sum())
         b = q.shape[0]
+        full = q.float() @ self.embeddings.T if c.selection == "all" else None
         with torch.no_grad():
-            cos_all = q.detach().float() @ self.embeddings.T  # [B, C]
-            same = self.ids[None, :] == target_ids[:, None]
+            cos_all = full.detach() if full is not None else q.detach().float() @ self.embeddings.T
+            false_neg = self.ids[None, :] == target_ids[:, None]
             if c.exclude_reference and reference_ids is not None:
-                same |= self.ids[None, :] == reference_ids[:, None]
-            false_neg = same
+                false_neg |= self.ids[None, :] == reference_ids[:, None]
             if c.fn_margin is not None:
                 positive = (q.detach().float() * t.detach().float()).sum(dim=-1)
-                false_neg = false_neg | (cos_all > positive[:, None] + c.fn_margin)
+                false_neg |= cos_all > positive[:, None] + c.fn_margin
             false_neg &= live[None, :]
             usable = live[None, :] & ~false_neg
             idx, keep = self._select(cos_all, usable, in_batch_logits)
 
-        age_all = self.ages(step).float()
-        if idx is None:  # selection "all": one matmul over the whole buffer, gradient to q only
-            cos = q.float() @ self.embeddings.T
-            age = age_all.expand(b, -1)
-        else:
+            age = self.ages(step).float()
+            if idx is None:
+                cos, age = full, age.expand(b, -1)
+            else:
+                age = age[idx]
+            offset = self._offset(n_live, in_batch_logits.shape[-1])
+            bias = torch.full(age.shape, offset, device=age.device)
+            if c.staleness == "exp":
+                bias -= age / c.tau_age
+            tau = temperature.detach() if isinstance(temperature, Tensor) else temperature
+            in_lse = in_batch_logits.detach().float().logsumexp(dim=-1)
+        if idx is not None:  # gradient to q only: the gathered entries are plain buffers
             cos = torch.einsum("bd,bkd->bk", q.float(), self.embeddings[idx])
-            age = age_all[idx]
-        logits = cos / temperature
-        if c.staleness == "exp":
-            logits = logits - age / c.tau_age
-        offset = self._offset(n_live, in_batch_logits.shape[-1])
-        logits = logits + offset
-        in_lse = in_batch_logits.detach().float().logsumexp(dim=-1)
-        if c.max_share is not None:
-            with torch.no_grad():
-                bank_lse = logits.detach().masked_fill(~keep, -math.inf).logsumexp(dim=-1)
-                cap = math.log(c.max_share / (1.0 - c.max_share)) + in_lse - bank_lse
-                shift = cap.clamp(max=0.0)
-            logits = logits + shift[:, None]
-        logits = logits.masked_fill(~keep, -math.inf)
-
         with torch.no_grad():
-            bank_lse = logits.detach().logsumexp(dim=-1)
-            share = torch.sigmoid(bank_lse - in_lse)
+            logits = (cos.detach() / tau + bias).masked_fill(~keep, -math.inf)
+            if c.max_share is not None:
+                cap = math.log(c.max_share / (1.0 - c.max_share)) + in_lse - logits.logsumexp(-1)
+                shift = cap.clamp(max=0.0)[:, None]
+                bias += shift
+                logits += shift
+            share = torch.sigmoid(logits.logsumexp(dim=-1) - in_lse)
             live_ages = self.ages(step)[live].float()
             window = self.window()
             stats = {
@@ -337,7 +341,7 @@ class MemoryBank(nn.Module):
                 "bank/false_neg_share": false_neg.sum() / max(n_live * b, 1),
                 "bank/target_cos": mean_pairwise_cosine(t),
             }
-        return BankNegatives(logits=logits, mask=keep, stats=stats)
+        return BankNegatives(similarities=cos, bias=bias, mask=keep, stats=stats)
 
     def _select(
         self, cos: Tensor, usable: Tensor, in_batch_logits: Tensor
