@@ -80,7 +80,11 @@ def missing_images(split: CIRSplit, progress: bool = True) -> list[str]:
     ids = split.referenced_images()
     missing = []
     for image_id in tqdm(
-        ids, desc=f"{split.benchmark}/{split.split}: images", unit="img", disable=not progress
+        ids,
+        desc=f"{split.benchmark}/{split.split}: images",
+        unit="img",
+        leave=False,
+        disable=not progress,
     ):
         path = split.image_paths.get(image_id)
         if path is None or not path.is_file():
