@@ -1,0 +1,308 @@
+"""The CSMCIR encoder: one BLIP-2 Q-Former that embeds (image, text) pairs on both sides.
+
+query  = E(reference image, modification text)
+target = E(target image, target caption)     the same function E, the same weights
+
+E is LAVIS's "multimodal" pass: the learned query tokens and the text tokens go through the
+Q-Former together (queries cross-attend to the ViT features, text and queries attend to each
+other), and the embedding is ``normalize(text_projection(h[:, n_queries]))``, the output at the
+text's [CLS] position. Built from ``transformers``' ``Blip2ForImageTextRetrieval`` modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import Blip2Config, Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
+
+from csmcir.errors import ConfigError
+from csmcir.model.config import CSMCIRConfig
+from csmcir.model.fingerprint import tensor_fingerprint
+from csmcir.model.transforms import ImageTransform
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def blip2_config(config: CSMCIRConfig) -> Blip2Config:
+    """The transformers config of the BLIP-2 retrieval model our modules come from."""
+    return Blip2Config(
+        vision_config=dict(config.vision),
+        qformer_config=dict(config.qformer),
+        num_query_tokens=config.num_query_tokens,
+        image_text_hidden_size=config.embed_dim,
+    )
+
+
+class QFormerTower(nn.Module):
+    """One side's encoder above the ViT: query tokens, text embeddings, Q-Former, projections."""
+
+    def __init__(self, blip: Blip2ForImageTextRetrieval) -> None:
+        super().__init__()
+        self.query_tokens = blip.query_tokens
+        self.embeddings = blip.embeddings
+        self.qformer = blip.qformer
+        self.text_projection = blip.text_projection
+        self.vision_projection = blip.vision_projection
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def fused(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, D] embedding of (image, text): the text's [CLS] output after the joint pass."""
+        n = self.num_queries
+        queries = self.query_tokens.expand(vision.shape[0], -1, -1)
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        query_mask = attention_mask.new_ones(attention_mask.shape[0], n)
+        hidden = self.qformer(
+            query_embeds=embeds,
+            # Without query_length the text tokens would be treated as queries and cross-attend
+            # to the image through the query-only weights: wrong features, no error.
+            query_length=n,
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=vision,
+        ).last_hidden_state
+        return F.normalize(self.text_projection(hidden[:, n]).float(), dim=-1)
+
+    def image_only(self, vision: torch.Tensor) -> torch.Tensor:
+        """[B, n_queries, D]: every query token's projected output, BLIP-2's image embedding."""
+        queries = self.query_tokens.expand(vision.shape[0], -1, -1)
+        hidden = self.qformer(
+            query_embeds=queries, query_length=self.num_queries, encoder_hidden_states=vision
+        ).last_hidden_state
+        return F.normalize(self.vision_projection(hidden).float(), dim=-1)
+
+
+class CSMCIR(nn.Module):
+    """The encoder of queries and targets (see the module docstring and docs/model.md).
+
+    Build it with :meth:`from_preset` (random ``tiny``, pretrained ``blip2-vitg``) or load an
+    exported folder with :meth:`from_pretrained`; ``CSMCIR(config, tokenizer)`` gives random
+    weights of any architecture.
+    """
+
+    def __init__(
+        self,
+        config: CSMCIRConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        blip: Blip2ForImageTextRetrieval | None = None,
+    ) -> None:
+        """Adopt the modules of ``blip`` (pretrained weights), or of a random-initialised one."""
+        super().__init__()
+        vocab = config.qformer.get("vocab_size", 30522)
+        if len(tokenizer) > vocab:
+            raise ConfigError(
+                f"tokenizer has {len(tokenizer)} tokens but the Q-Former's vocab_size is {vocab}"
+            )
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = ImageTransform(config.image)
+        if blip is None:
+            blip = Blip2ForImageTextRetrieval(blip2_config(config))
+            # transformers zero-initialises the query tokens; identical queries would get
+            # identical gradients and never differentiate. LAVIS draws them like BERT weights.
+            nn.init.normal_(blip.query_tokens, std=blip.config.qformer_config.initializer_range)
+        self.vision_model = blip.vision_model
+        self.tower = QFormerTower(blip)
+        self.target_tower = copy.deepcopy(self.tower) if config.tower == "separate" else None
+        if config.freeze_vision:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+        if config.gradient_checkpointing:
+            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            for tower in self.towers():
+                tower.qformer.activation_checkpointing_enable(**kwargs)
+            if not config.freeze_vision:
+                self.vision_model.activation_checkpointing_enable(**kwargs)
+
+    # construction and files (implemented in csmcir.model.loading)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        tokenizer_corpus: Sequence[str] | None = None,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        weights: str | Path | None = None,
+        vocab_size: int = 2048,
+        seed: int | None = None,
+        **overrides: Any,
+    ) -> CSMCIR:
+        """A preset: ``tiny`` (random; tokenizer from ``tokenizer_corpus``) or ``blip2-vitg``.
+
+        ``weights`` is the BLIP-2 folder (default ``$CSMCIR_BLIP2_DIR`` or
+        ``checkpoints/blip2-itm-vit-g``); ``overrides`` change config fields, e.g.
+        ``tower="separate"``, ``target_text="none"``, ``precision="bf16"``.
+        """
+        from csmcir.model.loading import from_preset
+
+        return from_preset(
+            cls,
+            name,
+            tokenizer_corpus=tokenizer_corpus,
+            tokenizer=tokenizer,
+            weights=weights,
+            vocab_size=vocab_size,
+            seed=seed,
+            overrides=overrides,
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides: Any) -> CSMCIR:
+        """Load an exported folder (or a downloaded BLIP-2 ``blip2-itm-vit-g`` folder)."""
+        from csmcir.model.loading import from_pretrained
+
+        return from_pretrained(cls, folder, overrides)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write model.safetensors, config.json and the tokenizer; the folder is swapped in."""
+        from csmcir.model.loading import save_pretrained
+
+        return save_pretrained(self, folder)
+
+    # inputs
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.query_tokens.device
+
+    def towers(self) -> list[QFormerTower]:
+        return [self.tower] if self.target_tower is None else [self.tower, self.target_tower]
+
+    def train(self, mode: bool = True) -> CSMCIR:
+        """Switch modes, but a frozen ViT stays in eval mode (no dropout, fixed features)."""
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision_model.eval()
+        return self
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> ``[B, 3, H, W]`` normalised pixels (on the CPU; see config.image)."""
+        return self.transform(images)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pad to the longest text, truncate to ``max_text_length``; on the model's device."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a sequence of str")
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        )
+        return {key: enc[key].to(self.device) for key in ("input_ids", "attention_mask")}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT's last hidden state ``[B, P, Dv]`` in fp32: what the feature cache stores."""
+        grad = torch.is_grad_enabled() and not self.config.freeze_vision
+        with torch.set_grad_enabled(grad), self._autocast():
+            out = self.vision_model(pixel_values=pixel_values.to(self.device)).last_hidden_state
+        return out.float()
+
+    def _vision(
+        self,
+        pixel_values: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        images: Sequence[Image.Image] | None,
+    ) -> torch.Tensor:
+        given = [x is not None for x in (pixel_values, vision_features, images)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of pixel_values, vision_features or images")
+        if images is not None:
+            pixel_values = self.preprocess(images)
+        if pixel_values is not None:
+            return self.vision_features(pixel_values)
+        expected = self.config.vision["hidden_size"]
+        if vision_features.dim() != 3 or vision_features.shape[-1] != expected:
+            shape = tuple(vision_features.shape)
+            raise ValueError(f"vision_features must be [B, patches, {expected}], got {shape}")
+        return vision_features.to(self.device, torch.float32)
+
+    # the encoder
+
+    def encode_query(
+        self,
+        texts: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        *,
+        images: Sequence[Image.Image] | None = None,
+    ) -> torch.Tensor:
+        """``[B, D]`` L2-normalised embeddings of (reference image, modification text) pairs."""
+        vision = self._vision(pixel_values, vision_features, images)
+        return self._fused(self.tower, texts, vision)
+
+    def encode_target(
+        self,
+        texts: Sequence[str] | None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        *,
+        images: Sequence[Image.Image] | None = None,
+    ) -> torch.Tensor:
+        """Target embeddings: ``[B, D]`` from (image, caption), or ``[B, n_queries, D]``.
+
+        With ``config.target_text == "none"`` the target is the image alone (the texts are not
+        read) and keeps one embedding per query token, scored by :meth:`similarity`.
+        """
+        vision = self._vision(pixel_values, vision_features, images)
+        tower = self.target_tower or self.tower
+        if self.config.target_text == "none":
+            with self._autocast():
+                return tower.image_only(vision)
+        if texts is None:
+            raise ValueError("this model reads target captions (target_text='caption'): pass texts")
+        return self._fused(tower, texts, vision)
+
+    def _fused(
+        self, tower: QFormerTower, texts: Sequence[str], vision: torch.Tensor
+    ) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        if tokens["input_ids"].shape[0] != vision.shape[0]:
+            raise ValueError(f"{len(texts)} texts for {vision.shape[0]} images")
+        with self._autocast():
+            return tower.fused(tokens["input_ids"], tokens["attention_mask"], vision)
+
+    @staticmethod
+    def similarity(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[Nq, Nt]`` cosine scores; for ``[Nt, n_queries, D]`` targets, the best query token."""
+        if targets.dim() == 3:
+            return torch.einsum("qd,tkd->qtk", queries, targets).amax(dim=-1)
+        return queries @ targets.T
+
+    # identity
+
+    def fingerprint(self) -> str:
+        """Hash of config, tokenizer vocabulary and all weights: keys caches and indexes."""
+        meta = {"config": self.config.to_dict(), "vocab": self.tokenizer.get_vocab()}
+        return tensor_fingerprint("csmcir", meta, self.state_dict().items())
+
+    def vision_fingerprint(self) -> str:
+        """Hash of what determines :meth:`vision_features`: ViT config + weights + preprocessing.
+
+        The feature cache is keyed by this, not by :meth:`fingerprint`, so training the
+        Q-Former does not invalidate features of a frozen ViT.
+        """
+        meta = {"vision": self.config.vision, "image": self.config.to_dict()["image"]}
+        return tensor_fingerprint("vision", meta, self.vision_model.state_dict().items())
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

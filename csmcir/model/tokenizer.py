@@ -1,0 +1,111 @@
+"""Tokenizers: a WordPiece vocabulary built from a corpus (tiny preset), or the one of the weights.
+
+A random-initialised model has no pretrained vocabulary, and the 30k-token BERT vocabulary would
+dwarf a 64-d model, so the tiny preset builds a small WordPiece vocabulary from its training texts
+(modification texts + target captions) and saves it beside the weights.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from csmcir.errors import ConfigError, DataError
+
+# [PAD] must be id 0: the Q-Former's word embeddings use padding_idx = pad_token_id = 0.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_FILES = ("tokenizer_config.json",)
+VOCAB_FILES = ("tokenizer.json", "vocab.txt")
+# Always in the vocabulary, so test-time words unseen in the corpus still spell out.
+BASE_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+
+
+def build_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """Build a lower-cased BERT-style WordPiece tokenizer from ``texts``, deterministically.
+
+    The vocabulary is the special tokens, every character seen plus ASCII letters, digits and
+    punctuation (alone and as ``##`` continuations, so unseen words spell out instead of
+    becoming [UNK]), then the corpus' words, most frequent first, up to ``vocab_size``. The
+    ``tokenizers`` WordPiece trainer breaks ties in hash order, so the same corpus gave
+    different vocabularies from run to run; a seeded untrained model must not.
+    Encodings look like BERT's (``[CLS] tokens [SEP]``): the fused pass reads the [CLS] output.
+    """
+    corpus = list(texts)
+    bad = [i for i, t in enumerate(corpus) if not isinstance(t, str)]
+    if bad:
+        kind = type(corpus[bad[0]]).__name__
+        raise ConfigError(f"tokenizer corpus: item {bad[0]} is a {kind}, not a str")
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word
+        for text in corpus
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    if not counts:
+        raise ConfigError("tokenizer corpus is empty: pass the modification texts and captions")
+    chars = sorted({c for word in counts for c in word} | set(BASE_ALPHABET))
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    if vocab_size < len(vocab):
+        raise ConfigError(
+            f"tokenizer vocab_size {vocab_size} is below the {len(vocab)} special and "
+            "character tokens this corpus needs"
+        )
+    frequent = sorted(
+        (w for w, n in counts.items() if n >= min_frequency and len(w) > 1),
+        key=lambda w: (-counts[w], w),
+    )
+    vocab += frequent[: vocab_size - len(vocab)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, SPECIAL_TOKENS.index(t)) for t in ("[CLS]", "[SEP]")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer saved in ``folder`` (ours or a BLIP-2 download), offline."""
+    folder = Path(folder)
+    missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in VOCAB_FILES):
+        missing.append(" or ".join(VOCAB_FILES))
+    if missing:
+        raise DataError(f"tokenizer files missing in {folder}: {', '.join(missing)}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    check_tokenizer(tokenizer, str(folder))
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """The fused pass needs [CLS] first and a pad token; refuse a tokenizer without them."""
+    if tokenizer.pad_token_id is None or tokenizer.cls_token_id is None:
+        raise DataError(f"tokenizer from {where} lacks a [PAD] or [CLS] token")
+    first = tokenizer("a")["input_ids"][0]
+    if first != tokenizer.cls_token_id:
+        raise DataError(f"tokenizer from {where} does not start encodings with [CLS]")
