@@ -1,0 +1,73 @@
+"""``csmcir search``: query a gallery index with a reference image and a modification text.
+
+    csmcir search --index runs/index/synth --ref query.png --text "make the cube red" -k 10
+
+Prints the top-k with scores and writes a PNG grid (reference, text, ranked results; the true
+target, given with --target, is outlined).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from csmcir.data.images import load_image
+from csmcir.errors import ConfigError
+from csmcir.evaluation.encode import pick_device
+from csmcir.retrieval.grid import GridItem, save_grid
+from csmcir.retrieval.index import GalleryIndex
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="csmcir search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--index", required=True, type=Path, help="folder from csmcir index build")
+    parser.add_argument("--ref", required=True, type=Path, help="the reference image")
+    parser.add_argument("--text", required=True, help="the modification text")
+    parser.add_argument("-k", type=int, default=10, help="results to show (default 10)")
+    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument("--target", help="id of the true target, outlined in the grid")
+    parser.add_argument("--grid", type=Path, help="PNG to write (default runs/search/<ref>.png)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        raise ConfigError(f"-k must be at least 1, got {args.k}")
+    if not args.text.strip():
+        raise ConfigError("--text is empty: a composed query needs a modification text")
+
+    reference = load_image(args.ref)  # not an image: a DataError naming the file
+    index = GalleryIndex.load(args.index)
+    from csmcir.model import CSMCIR
+
+    model_dir = args.model or Path(index.meta.get("model_dir", ""))
+    if not model_dir.is_dir():
+        raise ConfigError(
+            f"the index's model folder {model_dir} is gone: pass --model (the folder it was "
+            "built with)"
+        )
+    model = CSMCIR.from_pretrained(model_dir).to(pick_device(args.device)).eval()
+    index.check_model(model)
+    with torch.inference_mode():
+        query = model.encode_query([args.text], pixel_values=model.preprocess([reference]))
+    hits = index.search(query, args.k)
+
+    items = [
+        GridItem(image_id, index.path_of(image_id), float(score))
+        for image_id, score in zip(hits.ids[0], hits.scores[0], strict=True)
+    ]
+    width = max(len(i.image_id) for i in items)
+    print(f'query: {args.ref} + "{args.text}"')
+    for rank, item in enumerate(items, start=1):
+        mark = "  <- target" if item.image_id == args.target else ""
+        print(f"{rank:>3}  {item.score:8.4f}  {item.image_id:<{width}}  {item.path or ''}{mark}")
+    if args.target is not None and args.target not in index.positions:
+        print(f"note: --target {args.target!r} is not in the index")
+    grid = args.grid or Path("runs") / "search" / f"{args.ref.stem}.png"
+    save_grid(grid, reference, args.text, items, target=args.target)
+    print(f"grid: {grid}")
+    return 0
