@@ -143,8 +143,8 @@ def apply_missing_policy(
     if not drop_missing:
         raise DataError(
             describe_missing(split, missing)
-            + ". Restore them, or pass drop_missing=True (--drop-missing) to drop them and the "
-            "queries that use them"
+            + ". Restore them, or load with drop_missing=True (a command's --drop-missing flag) "
+            "to drop them and the queries that use them"
         )
     paths = {i: split.image_paths.get(i) for i in missing}
     new, dropped_queries = drop_images(split, missing)
