@@ -41,6 +41,13 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
 
 
+def test_atomic_write_uses_umask_permissions(tmp_path):
+    path = atomic_write_text(tmp_path / "x.txt", "x")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode == plain.stat().st_mode
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "x.json"
     atomic_write_json(path, {"ok": True})
