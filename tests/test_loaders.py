@@ -248,6 +248,13 @@ def test_cirr_unknown_image_name_is_reported(cirr_root: Path):
         read_split("cirr", cirr_root, "val")
 
 
+def test_cirr_image_paths_must_stay_inside_the_root(cirr_root: Path):
+    path = cirr_root / "image_splits/split.rc2.val.json"
+    write_json(path, json.loads(path.read_text()) | {"dev-0-0-img0": "../elsewhere.png"})
+    with pytest.raises(DataError, match=r"'dev-0-0-img0' path '\.\./elsewhere\.png' must stay"):
+        read_split("cirr", cirr_root, "val")
+
+
 def test_synthcir_reads_the_cirr_layout_with_answers_on_test(tmp_path: Path):
     for split in ("train", "val", "test"):
         names = [f"{split}-{i}" for i in range(6)]

@@ -38,7 +38,7 @@ def read_image_split(path: Path, root: Path) -> dict[str, Path]:
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts:
             raise DataError(f"{path}: image {name!r} path {rel!r} must stay inside the root")
-        paths[name] = root.joinpath(*pure.parts[1:] if pure.parts[:1] == (".",) else pure.parts)
+        paths[name] = root.joinpath(*pure.parts)  # pathlib drops the leading "./"
     return paths
 
 
