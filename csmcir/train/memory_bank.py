@@ -303,9 +303,10 @@ class MemoryBank(nn.Module):
             if c.fn_margin is not None:
                 positive = (q.detach().float() * t.detach().float()).sum(dim=-1)
                 false_neg |= cos_all > positive[:, None] + c.fn_margin
-            false_neg &= live[None, :]
-            usable = live[None, :] & ~false_neg
-            idx, keep = self._select(cos_all, usable, in_batch_logits)
+            blocked = false_neg.logical_or_(~live[None, :])  # [B, C]: dead or a false negative
+            # blocked = fn | dead, so its count is B * dead + (false negatives among live entries)
+            n_false_neg = blocked.sum() - b * (c.size - n_live)
+            idx, keep = self._select(cos_all, blocked, in_batch_logits)
 
             age = self.ages(step).float()
             if idx is None:
@@ -328,35 +329,32 @@ class MemoryBank(nn.Module):
                 bias += shift
                 logits += shift
             share = torch.sigmoid(logits.logsumexp(dim=-1) - in_lse)
-            live_ages = self.ages(step)[live].float()
             window = self.window()
             stats = {
                 "bank/live": share.new_tensor(float(n_live)),
-                "bank/mean_age": live_ages.mean() if n_live else share.new_tensor(0.0),
+                "bank/mean_age": (self.ages(step) * live).sum().float() / max(n_live, 1),
                 "bank/window": share.new_tensor(window if math.isfinite(window) else -1.0),
                 "bank/entropy": self.entropy_ema.detach().clone(),
                 "bank/share": share.mean(),
                 "bank/offset": share.new_tensor(offset),
                 "bank/negatives": keep.sum(dim=-1).float().mean(),
-                "bank/false_neg_share": false_neg.sum() / max(n_live * b, 1),
+                "bank/false_neg_share": n_false_neg.float() / max(n_live * b, 1),
                 "bank/target_cos": mean_pairwise_cosine(t),
             }
         return BankNegatives(similarities=cos, bias=bias, mask=keep, stats=stats)
 
     def _select(
-        self, cos: Tensor, usable: Tensor, in_batch_logits: Tensor
+        self, cos: Tensor, blocked: Tensor, in_batch_logits: Tensor
     ) -> tuple[Tensor | None, Tensor]:
         """Column indices [B, k] (None for ``all``) and which of them are real negatives."""
         c = self.config
         if c.selection == "all":
-            return None, usable
+            return None, ~blocked
         k = min(c.top_k, c.size)
-        if c.selection == "random":
-            score = torch.rand_like(cos).masked_fill(~usable, -math.inf)
-        else:
-            score = cos.masked_fill(~usable, -math.inf)
-        idx = score.topk(k, dim=-1).indices
-        keep = usable.gather(1, idx)
+        # ``cos`` is this step's scratch copy: masking it in place saves a [B, C] pass
+        score = torch.rand_like(cos) if c.selection == "random" else cos
+        values, idx = score.masked_fill_(blocked, -math.inf).topk(k, dim=-1)
+        keep = torch.isfinite(values)
         if c.selection == "entropy":
             h = normalized_entropy(in_batch_logits).to(cos)
             k_i = torch.ceil(k * (1.0 - h.clamp(0.0, 1.0)))
