@@ -1,0 +1,157 @@
+"""Turning a gallery and its queries into embeddings, with the gallery cached on disk.
+
+The gallery is the expensive side (every image through the ViT) and does not change between
+metrics, protocol options or query sets, so its embeddings are stored per (model fingerprint,
+gallery) in a safetensors file. The key covers every image's id, path, size and modification
+time and the caption it was encoded with, so an edited image or caption file never reuses a
+stale entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from csmcir.data.images import load_image
+from csmcir.errors import DataError
+from csmcir.io import atomic_write_bytes
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
+CACHE_VERSION = "1"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
+    """An exported model folder, or a preset name (``tiny``: untrained, tokenizer from ``corpus``).
+
+    Untrained presets are the zero-shot baseline: they show what training adds. ``corpus`` is
+    called only when a tokenizer has to be built.
+    """
+    from csmcir.model import CSMCIR
+
+    if Path(spec).is_dir():
+        return CSMCIR.from_pretrained(spec)
+    from csmcir.model.presets import load_preset
+
+    preset = load_preset(spec)  # an unknown name is a ConfigError listing the presets
+    texts = corpus() if preset.tokenizer == "wordpiece" else None
+    return CSMCIR.from_preset(spec, tokenizer_corpus=texts, seed=seed)
+
+
+def target_texts(
+    model,
+    ids: Sequence[str],
+    captions: Mapping[str, str] | None,
+    empty_captions: bool = False,
+    source: str = "--captions",
+) -> list[str] | None:
+    """The caption each gallery image is encoded with; None for an image-only target model.
+
+    A model that reads target captions refuses images without one (naming how many and which)
+    unless ``empty_captions`` says to encode them with empty text.
+    """
+    if model.config.target_text == "none":
+        return None
+    captions = captions or {}
+    missing = [i for i in ids if i not in captions]
+    if missing and not empty_captions:
+        given = "no caption file was given" if not captions else f"{source} does not cover them"
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise DataError(
+            f"this model reads target captions, but {len(missing)} of {len(ids)} gallery images "
+            f"have none ({given}): {shown}. Give {source} FILE with a caption for each "
+            "(csmcir caption run | merge), or --empty-captions to encode them with empty text"
+        )
+    return [captions.get(i, "") for i in ids]
+
+
+@torch.inference_mode()
+def encode_images(
+    model,
+    paths: Sequence[Path],
+    texts: Sequence[str] | None,
+    *,
+    side: str,
+    batch_size: int = 64,
+    desc: str = "encoding",
+) -> torch.Tensor:
+    """Embed (image, text) pairs with ``encode_query`` or ``encode_target``; fp32 on the CPU."""
+    if texts is not None and len(texts) != len(paths):
+        raise ValueError(f"{len(texts)} texts for {len(paths)} images")
+    encode = {"query": model.encode_query, "target": model.encode_target}[side]
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+        images = [load_image(p) for p in paths[start : start + batch_size]]
+        pixels = model.preprocess(images)
+        batch_texts = None if texts is None else list(texts[start : start + batch_size])
+        chunks.append(encode(batch_texts, pixel_values=pixels).float().cpu())
+    if not chunks:
+        raise DataError(f"{desc}: nothing to encode")
+    return torch.cat(chunks)
+
+
+def gallery_key(model_fingerprint: str, paths: Sequence[Path], ids: Sequence[str], texts) -> str:
+    """Hash of the model and everything about the gallery that changes its embeddings."""
+    h = hashlib.sha256(f"csmcir-gallery {CACHE_VERSION} {model_fingerprint}\n".encode())
+    for i, (image_id, path) in enumerate(zip(ids, paths, strict=True)):
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            raise DataError(f"image not found: {path}") from None
+        text = "\x00none" if texts is None else texts[i]
+        h.update(f"{image_id}\t{path}\t{stat.st_size}\t{stat.st_mtime_ns}\t{text}\n".encode())
+    return h.hexdigest()
+
+
+def encode_gallery(
+    model,
+    ids: Sequence[str],
+    paths: Sequence[Path],
+    texts: Sequence[str] | None,
+    *,
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    batch_size: int = 64,
+    fingerprint: str | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Gallery embeddings ``[N, D]`` (or ``[N, Q, D]``) and whether they came from the cache."""
+    fingerprint = fingerprint or model.fingerprint()
+    path = None
+    if cache_dir is not None:
+        key = gallery_key(fingerprint, paths, ids, texts)
+        path = Path(cache_dir) / "gallery" / f"{key[:40]}.safetensors"
+        if path.is_file():
+            cached = load_file(path)["embeddings"]
+            if cached.shape[0] == len(ids):
+                return cached, True
+    embeddings = encode_images(
+        model, paths, texts, side="target", batch_size=batch_size, desc="gallery"
+    )
+    if path is not None:
+        meta = {"model": fingerprint, "images": str(len(ids)), "version": CACHE_VERSION}
+        atomic_write_bytes(path, safetensors_bytes({"embeddings": embeddings}, metadata=meta))
+    return embeddings, False
+
+
+def score_matrix(model, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """``model.similarity`` over query chunks, so multi-vector galleries stay within memory."""
+    per_query = gallery.shape[0] * (gallery.shape[1] if gallery.dim() == 3 else 1)
+    chunk = max(1, min(1024, (1 << 25) // max(per_query, 1)))
+    rows = [
+        model.similarity(queries[i : i + chunk], gallery) for i in range(0, len(queries), chunk)
+    ]
+    return torch.cat(rows).float()

@@ -1,0 +1,194 @@
+"""Per-benchmark evaluation protocols: which metrics, which gallery, which exclusions.
+
+A protocol turns a loaded :class:`CIRSplit` plus a score matrix into the benchmark's metrics as
+the community's reference code computes them (DESIGN.md, docs/evaluation.md):
+
+- CIRR and the synthetic benchmark: R@1/5/10/50 on the main target, Recall_subset@1/2/3 inside
+  ``img_set.members`` minus the reference, and Avg = (R@5 + Rsubset@1) / 2.
+- FashionIQ: R@10 and R@50 per category; over the categories their averages and the mean of the
+  two averages.
+- CIRCO: mAP@5/10/25/50 over all ground truths, plus R@1/5/10/50 on ``target_img_id``.
+- Shoes: R@1/10/50. Fashion200k: R@1/10/50 where a hit is any image with the target's caption.
+
+The choices the literature varies (reference exclusion, FashionIQ's caption join) are options
+whose defaults are the community's; the values used are recorded with every result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from csmcir.data.fashioniq import join_captions, single_caption
+from csmcir.data.records import CIRQuery, CIRSplit
+from csmcir.errors import ConfigError, DataError
+from csmcir.evaluation.metrics import (
+    caption_match_recall,
+    map_at_k,
+    rank_gallery,
+    recall_at_k,
+    recall_subset_at_k,
+)
+
+# FashionIQ's two captions -> one text. "and" is CLIP4Cir/SPRC's evaluation rule.
+CAPTION_JOINS: dict[str, Callable[[CIRQuery], str]] = {
+    "and": lambda q: join_captions(q.texts[0], q.texts[1]),
+    "reverse": lambda q: join_captions(q.texts[1], q.texts[0]),
+    "first": lambda q: single_caption(q.texts[0]),
+    "second": lambda q: single_caption(q.texts[1]),
+}
+DEFAULT_JOIN = "and"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Protocol options. ``exclude_reference=None`` keeps the benchmark's community default."""
+
+    exclude_reference: bool | None = None
+    caption_join: str = DEFAULT_JOIN
+    seed: int = 0
+
+
+def family(benchmark: str) -> str:
+    """``fashioniq-dress`` -> ``fashioniq``: the protocol a split's benchmark name follows."""
+    name = benchmark.split("-")[0]
+    if name not in METRICS:
+        raise ConfigError(f"no evaluation protocol for benchmark {benchmark!r}")
+    return name
+
+
+def apply_options(split: CIRSplit, options: Options) -> dict[str, object]:
+    """Set the protocol options on a loaded split; returns the values in force, for the record."""
+    if options.exclude_reference is not None:
+        split.exclude_reference = options.exclude_reference
+    multi = any(len(q.texts) > 1 for q in split.queries)
+    if options.caption_join not in CAPTION_JOINS:
+        choices = ", ".join(CAPTION_JOINS)
+        raise ConfigError(f"--caption-join must be one of {choices}, got {options.caption_join!r}")
+    if multi:
+        split.eval_text = CAPTION_JOINS[options.caption_join]
+    elif options.caption_join != DEFAULT_JOIN:
+        raise ConfigError(
+            f"--caption-join applies to benchmarks with two captions per query (FashionIQ); "
+            f"{split.benchmark} has one"
+        )
+    return {
+        "exclude_reference": split.exclude_reference,
+        "caption_join": options.caption_join if multi else "n/a (one caption per query)",
+        "tie_break": f"random, seed {options.seed}",
+    }
+
+
+@dataclass
+class Prepared:
+    """A split in index form: what the metrics need besides the scores."""
+
+    split: CIRSplit
+    gallery_index: dict[str, int]
+    texts: list[str]
+    exclude: list[int | None]
+
+    def index_of(self, image_id: str, query: CIRQuery, role: str) -> int:
+        try:
+            return self.gallery_index[image_id]
+        except KeyError:
+            raise DataError(
+                f"{self.split.benchmark} {self.split.split}: query {query.query_id}'s {role} "
+                f"{image_id!r} is not in the gallery"
+            ) from None
+
+
+def prepare(split: CIRSplit) -> Prepared:
+    index = {image_id: i for i, image_id in enumerate(split.gallery)}
+    exclude = [index.get(q.reference) if split.exclude_reference else None for q in split.queries]
+    return Prepared(split, index, [split.eval_text(q) for q in split.queries], exclude)
+
+
+def compute(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str, float]:
+    """The benchmark's metrics for a ``[queries, gallery]`` score matrix."""
+    split = prepared.split
+    if not split.has_targets:
+        raise DataError(
+            f"{split.benchmark} {split.split} has no public answers: metrics need a split with "
+            "targets (write a test-server file with --submission instead)"
+        )
+    return METRICS[family(split.benchmark)](scores, prepared, seed)
+
+
+def _main_targets(p: Prepared) -> list[int]:
+    return [p.index_of(q.targets[0], q, "target") for q in p.split.queries]
+
+
+def _cirr(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    targets = _main_targets(p)
+    subsets = [[p.index_of(m, q, "subset member") for m in q.subset or ()] for q in p.split.queries]
+    r = recall_at_k(scores, targets, (1, 5, 10, 50), exclude=p.exclude, seed=seed)
+    r |= recall_subset_at_k(scores, targets, subsets, (1, 2, 3), exclude=p.exclude, seed=seed)
+    r["Avg"] = (r["R@5"] + r["Rsubset@1"]) / 2
+    return r
+
+
+def _fashioniq(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    return recall_at_k(scores, _main_targets(p), (10, 50), exclude=p.exclude, seed=seed)
+
+
+def _circo(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    gts = [[p.index_of(t, q, "ground truth") for t in q.targets] for q in p.split.queries]
+    r = map_at_k(scores, gts, (5, 10, 25, 50), exclude=p.exclude, seed=seed)
+    return r | recall_at_k(scores, _main_targets(p), (1, 5, 10, 50), exclude=p.exclude, seed=seed)
+
+
+def _shoes(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    return recall_at_k(scores, _main_targets(p), (1, 10, 50), exclude=p.exclude, seed=seed)
+
+
+def _fashion200k(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    labels = p.split.gallery_labels
+    if labels is None:
+        raise DataError(f"{p.split.benchmark}: caption-matched recall needs gallery_labels")
+    gallery_labels = [labels[g] for g in p.split.gallery]
+    target_labels = [gallery_labels[t] for t in _main_targets(p)]
+    return caption_match_recall(
+        scores, target_labels, gallery_labels, (1, 10, 50), exclude=p.exclude, seed=seed
+    )
+
+
+METRICS: dict[str, Callable[[torch.Tensor, Prepared, int], dict[str, float]]] = {
+    "cirr": _cirr,
+    "synthcir": _cirr,
+    "fashioniq": _fashioniq,
+    "circo": _circo,
+    "shoes": _shoes,
+    "fashion200k": _fashion200k,
+}
+HEADLINE = {"cirr": "Avg", "synthcir": "Avg", "fashioniq": "mean", "circo": "mAP@10"}
+
+
+def fashioniq_summary(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Averages of R@10 and R@50 over the categories, and the mean of the two averages."""
+    n = len(per_category)
+    avg10 = sum(m["R@10"] for m in per_category.values()) / n
+    avg50 = sum(m["R@50"] for m in per_category.values()) / n
+    return {"R@10": avg10, "R@50": avg50, "mean": (avg10 + avg50) / 2}
+
+
+def submission_rankings(
+    scores: torch.Tensor, prepared: Prepared, k: int, seed: int = 0, subset: bool = False
+) -> list[list[str]]:
+    """Each query's top-k gallery ids (within its subset when ``subset``), for a server file."""
+    split = prepared.split
+    subsets = None
+    if subset:
+        subsets = [
+            [prepared.index_of(m, q, "subset member") for m in q.subset or ()]
+            for q in split.queries
+        ]
+    ranking = rank_gallery(scores, exclude=prepared.exclude, k=k, seed=seed, subsets=subsets)
+    if ranking.shape[1] < k:
+        raise DataError(
+            f"{split.benchmark} {split.split}: only {ranking.shape[1]} candidates per query, "
+            f"the server wants {k}"
+        )
+    return [[split.gallery[j] for j in row] for row in ranking.tolist()]

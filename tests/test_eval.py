@@ -1,0 +1,151 @@
+"""``csmcir eval`` end to end on a small synthetic benchmark with the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from csmcir.cli import main as csmcir_main
+from csmcir.data.images import load_image
+from csmcir.data.registry import load_split
+from csmcir.errors import DataError
+from csmcir.evaluation import protocols
+from csmcir.evaluation.encode import encode_gallery, target_texts
+from csmcir.evaluation.runner import evaluate, score_split
+from csmcir.model import CSMCIR
+
+CIRR_METRICS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthcir")
+    args = ["data", "synth", "--out", str(root), "--seed", "0", "--train-refs", "4"]
+    assert csmcir_main([*args, "--val-refs", "12", "--test-refs", "4", "--overwrite"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(synth, tmp_path_factory) -> Path:
+    split = load_split("synthcir", synth, "val")
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=[q.texts[0] for q in split.queries], seed=0)
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def captions_for(synth: Path, tmp_path: Path, drop: int = 0) -> Path:
+    split = load_split("synthcir", synth, "val")
+    caps = {g: {"Final_Caption": f"a scene number {i}"} for i, g in enumerate(split.gallery)}
+    for g in split.gallery[:drop]:
+        del caps[g]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(caps))
+    return path
+
+
+def run_eval(args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / "results.json"
+    assert csmcir_main(["eval", *args, "--out", str(out), "--device", "cpu"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
+    synth, model_dir, tmp_path, capsys
+):
+    caps = captions_for(synth, tmp_path)
+    args = ["--model", str(model_dir), "--benchmark", "synthcir", "--root", str(synth)]
+    args += ["--captions", str(caps), "--cache-dir", str(tmp_path / "cache")]
+    first = run_eval(args, tmp_path)
+    split = load_split("synthcir", synth, "val")
+    summary = first["data"]["splits"]["synthcir"]
+    assert (summary["queries"], summary["gallery"]) == (len(split.queries), len(split.gallery))
+    assert summary["gallery_from_cache"] is False
+    metrics = first["metrics"]["synthcir"]
+    assert list(metrics) == CIRR_METRICS
+    assert metrics["Avg"] == pytest.approx((metrics["R@5"] + metrics["Rsubset@1"]) / 2)
+    assert first["protocol"]["synthcir"]["exclude_reference"] is True
+    assert first["model"]["fingerprint"] == CSMCIR.from_pretrained(model_dir).fingerprint()
+    printed = capsys.readouterr().out
+    assert "Rsubset@1" in printed and "exclude_reference=True" in printed
+
+    second = run_eval(args, tmp_path)
+    assert second["data"]["splits"]["synthcir"]["gallery_from_cache"] is True
+    assert second["metrics"] == first["metrics"]
+    # Keeping the reference in the ranking is an option, recorded with the results.
+    kept = run_eval([*args, "--exclude-reference", "no"], tmp_path)
+    assert kept["protocol"]["synthcir"]["exclude_reference"] is False
+
+
+def test_scores_are_the_models_own_embeddings(synth, model_dir):
+    model = CSMCIR.from_pretrained(model_dir).eval()
+    split = load_split("synthcir", synth, "val")
+    captions = {g: "a scene" for g in split.gallery}
+    scored = score_split(model, split, captions, cache_dir=None, batch_size=7)
+    q = split.queries[3]
+    with torch.inference_mode():
+        query = model.encode_query([q.texts[0]], images=[load_image(split.image_path(q.reference))])
+        target = model.encode_target(["a scene"], images=[load_image(split.image_path(q.target))])
+    column = split.gallery.index(q.target)
+    assert scored.scores[3, column].item() == pytest.approx((query @ target.T).item(), abs=1e-5)
+    assert scored.prepared.exclude[3] == split.gallery.index(q.reference)
+
+
+def test_a_caption_reading_model_refuses_uncaptioned_galleries(synth, model_dir, tmp_path, capsys):
+    caps = captions_for(synth, tmp_path, drop=3)
+    args = ["eval", "--model", str(model_dir), "--benchmark", "synthcir", "--root", str(synth)]
+    args += ["--captions", str(caps), "--no-cache", "--out", str(tmp_path / "r.json")]
+    assert csmcir_main(args) == 2
+    err = capsys.readouterr().err
+    split = load_split("synthcir", synth, "val")
+    assert f"3 of {len(split.gallery)} gallery images have none" in err
+    assert split.gallery[0] in err and "--empty-captions" in err
+    assert csmcir_main([*args, "--empty-captions"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["empty_captions"] is True
+
+
+def test_image_only_targets_need_no_captions(synth):
+    split = load_split("synthcir", synth, "val")
+    corpus = [q.texts[0] for q in split.queries]
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=corpus, seed=0, target_text="none").eval()
+    assert target_texts(model, split.gallery, None) is None
+    gallery, _ = encode_gallery(
+        model, split.gallery, [split.image_path(g) for g in split.gallery], None, cache_dir=None
+    )
+    assert gallery.shape == (len(split.gallery), model.config.num_query_tokens, 64)
+    metrics = evaluate(model, split, cache_dir=None)
+    assert list(metrics) == CIRR_METRICS
+
+
+def test_untrained_preset_is_the_zero_shot_baseline(synth, tmp_path):
+    args = ["--model", "tiny", "--benchmark", "synthcir", "--root", str(synth), "--split", "test"]
+    results = run_eval([*args, "--empty-captions", "--no-cache"], tmp_path)
+    assert results["model"]["preset"] == "tiny" and results["split"] == "test"
+    assert 0 <= results["metrics"]["synthcir"]["R@50"] <= 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--split", "val", "--submission", "sub"], "synthcir has no test server"),
+        (["--caption-join", "first"], "--caption-join applies to benchmarks with two captions"),
+        (["--category", "dress"], "--category applies to fashioniq"),
+        (["--split", "nope"], "unknown split 'nope'"),
+    ],
+)
+def test_bad_options_are_clear_errors(synth, model_dir, tmp_path, capsys, extra, message):
+    args = ["eval", "--model", str(model_dir), "--benchmark", "synthcir", "--root", str(synth)]
+    assert csmcir_main([*args, "--no-cache", "--empty-captions", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_hidden_answer_split_needs_submission(synth):
+    split = load_split("synthcir", synth, "val")
+    split.queries = [
+        type(q)(q.query_id, q.reference, q.texts, subset=q.subset) for q in split.queries
+    ]
+    with pytest.raises(DataError, match="has no public answers"):
+        protocols.compute(
+            torch.zeros(len(split.queries), len(split.gallery)), protocols.prepare(split)
+        )
