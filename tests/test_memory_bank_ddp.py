@@ -45,15 +45,21 @@ def worker(rank: int, rendezvous: str, out: str) -> None:
     for step in range(1, STEPS + 1):
         q, t, ids = batch(rank, step)
         q.requires_grad_()
-        if step < STEPS:  # the short last batch is only written (entropy needs equal batch sizes)
+        if step < STEPS:  # the training hook: observe, read, write (all-gathered)
             sim = q @ t.T
-            bank.observe(sim / TAU)
-            neg = bank.negatives(q, t, sim / TAU, ids, None, step, TAU)
-            loss = info_nce(
-                sim, TAU, extra_logits=neg.similarities, extra_bias=neg.bias, extra_mask=neg.mask
+            extra = bank.extra_negatives(
+                queries=q,
+                targets=t,
+                in_batch_logits=sim / TAU,
+                target_keys=ids,
+                reference_keys=ids,
+                step=step,
+                temperature=torch.tensor(TAU),
             )
-            loss.backward()
-        bank.write(t, ids, step)
+            extra.pop("stats")
+            info_nce(sim, TAU, **extra).backward()
+        else:  # the short last batch is only written (the entropy replay needs equal batches)
+            bank.write(t, ids, step)
     torch.save({name: getattr(bank, name) for name in STATE}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -15,11 +15,9 @@ entries. The formulas are in docs/memory_bank.md.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -109,17 +107,6 @@ class MemoryBankConfig:
             raise bad("max_share", f"must be in (0, 1) or null, got {self.max_share}")
         if self.probe_every < 0 or self.probe_size < 1:
             raise bad("probe_every", "probe_every must be >= 0 and probe_size >= 1")
-
-
-def stable_image_id(name: str) -> int:
-    """A signed int64 for a string image id: blake2b, so every process and run agrees (hash() does
-    not), and ids can be all-gathered as a tensor. Collisions have probability ~n^2 / 2^65."""
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def image_id_tensor(names: Sequence[str], device: torch.device | str | None = None) -> Tensor:
-    return torch.tensor([stable_image_id(n) for n in names], dtype=torch.long, device=device)
 
 
 def normalized_entropy(logits: Tensor) -> Tensor:
@@ -367,6 +354,35 @@ class MemoryBank(nn.Module):
         if n_live <= n_in_batch:
             return 0.0
         return -math.log(n_live / n_in_batch)
+
+    # ---------------------------------------------------------------- the training hook
+    def extra_negatives(
+        self,
+        *,
+        queries: Tensor,
+        targets: Tensor,
+        in_batch_logits: Tensor,
+        target_keys: Tensor,
+        reference_keys: Tensor,
+        step: int,
+        temperature: Tensor,
+    ) -> dict[str, Any]:
+        """One training step's use of the bank (``train.module.NegativeSource``): update the
+        entropy clock, return this batch's negatives as ``info_nce`` keyword arguments plus
+        ``stats``, then write the (all-gathered) targets. Before ``start_step``: nothing."""
+        self.observe(in_batch_logits)
+        if not self.active(step):
+            return {}
+        neg = self.negatives(
+            queries, targets, in_batch_logits, target_keys, reference_keys, step, temperature
+        )
+        self.write(targets, target_keys, step)
+        return {
+            "extra_logits": neg.similarities,
+            "extra_bias": neg.bias,
+            "extra_mask": neg.mask,
+            "stats": neg.stats,
+        }
 
     # ---------------------------------------------------------------- diagnostics
     @torch.no_grad()
