@@ -1,0 +1,178 @@
+"""``csmcir features``: extract the frozen-ViT feature cache of a benchmark, or inspect one.
+
+csmcir features extract --model DIR|blip2-vitg [--weights DIR] --benchmark NAME --root DIR
+                        [--split S ...] [--option KEY=VALUE ...] --out DIR
+csmcir features extract --config configs/cirr.yaml --out DIR   (model + data from a fit YAML)
+csmcir features info DIR [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from csmcir.errors import ConfigError, DataError
+
+
+def add_extract_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a `csmcir fit` YAML: model and data come from it")
+    p.add_argument("--model", help="exported model folder, BLIP-2 folder, or preset blip2-vitg")
+    p.add_argument("--weights", type=Path, help="BLIP-2 weights folder for --model blip2-vitg")
+    p.add_argument("--benchmark", help="benchmark name (synthcir, cirr, fashioniq, ...)")
+    p.add_argument("--root", type=Path, help="the benchmark's root folder")
+    p.add_argument(
+        "--split", action="append", help="split to extract (repeatable; default: every split)"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loader option, e.g. category=dress (FashionIQ default: all three categories)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="cache folder (created or resumed)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=512, help="images per shard file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--drop-missing", action="store_true", help="skip (and count) images missing on disk"
+    )
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a feature-cache folder")
+    p.add_argument("--model", help="also check the cache is valid for this model")
+    p.add_argument("--weights", type=Path, help="BLIP-2 weights folder for --model blip2-vitg")
+
+
+def load_model(name: str, weights: Path | None, options: dict[str, Any] | None = None):
+    """An exported/BLIP-2 folder, or a preset with weights; a random preset makes no cache."""
+    from csmcir.model import CSMCIR
+    from csmcir.model.presets import list_presets, load_preset
+
+    options = options or {}
+    if Path(name).is_dir():
+        return CSMCIR.from_pretrained(name, **options)
+    if name in list_presets():
+        if load_preset(name).weights is None:
+            raise ConfigError(
+                f"--model {name}: this preset is random-initialised, so its features would "
+                "belong to no trained model; pass an exported model folder instead"
+            )
+        return CSMCIR.from_preset(name, weights=weights, **options)
+    raise ConfigError(
+        f"--model {name}: no such folder, and not a preset ({', '.join(list_presets())})"
+    )
+
+
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """A LightningCLI section, flat or in class_path/init_args form."""
+    value = config.get(key) or {}
+    return value.get("init_args", value) if isinstance(value, dict) else {}
+
+
+def apply_fit_config(args: argparse.Namespace) -> None:
+    """Fill the model and data arguments from a fit YAML; flags given explicitly win."""
+    try:
+        config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {args.config}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {args.config}: malformed YAML: {e}") from None
+    model, data = _section(config, "model"), _section(config, "data")
+    args.model_options = {
+        k: v
+        for k, v in (model.get("model_options") or {}).items()
+        if k in ("precision", "max_text_length")
+    }
+    if args.model is None:
+        args.model = model.get("init_from") or model.get("preset")
+        args.weights = args.weights or model.get("weights")
+    args.benchmark = args.benchmark or data.get("benchmark")
+    args.root = args.root or data.get("root")
+    args.drop_missing = args.drop_missing or bool(data.get("drop_missing"))
+    if data.get("categories") and not args.option:
+        args.option = [f"category={c}" for c in data["categories"]]
+
+
+def image_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Every image the chosen splits refer to; one id naming two different files is an error."""
+    from csmcir.data.fashioniq import CATEGORIES
+    from csmcir.data.registry import load_split, spec
+
+    options: dict[str, list[str]] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        options.setdefault(key, []).append(value)
+    if args.benchmark == "fashioniq":
+        options.setdefault("category", list(CATEGORIES))
+    variants: list[dict[str, str]] = [{}]
+    for key, values in options.items():
+        variants = [{**v, key: value} for v in variants for value in values]
+    paths: dict[str, Path] = {}
+    for split in args.split or spec(args.benchmark).splits:
+        for variant in variants:
+            cir = load_split(
+                args.benchmark, args.root, split, drop_missing=args.drop_missing, **variant
+            )
+            for image_id in cir.referenced_images():
+                path = cir.image_path(image_id)
+                if paths.setdefault(image_id, path) != path:
+                    raise DataError(
+                        f"{args.benchmark}: image id {image_id!r} names two files, "
+                        f"{paths[image_id]} and {path}; the cache is keyed by id"
+                    )
+    return paths
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    from csmcir.model.features import extract_features
+
+    args.model_options = {}
+    if args.config is not None:
+        apply_fit_config(args)
+    for flag in ("model", "benchmark", "root"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"--{flag} is required (or a --config that names it)")
+    model = load_model(str(args.model), args.weights, args.model_options).to(args.device)
+    if not model.config.freeze_vision:
+        print("note: this model's ViT is trainable; the cache is valid only for these weights")
+    paths = image_paths(args)
+    cache = extract_features(
+        model, paths, args.out, batch_size=args.batch_size, shard_size=args.shard_size
+    )
+    print(
+        f"feature cache {args.out}: {len(cache)} images, features {list(cache.feature_shape)} "
+        f"float16, vision fingerprint {cache.fingerprint}"
+    )
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from csmcir.model.features import FeatureCache
+
+    model = load_model(args.model, args.weights) if args.model else None
+    cache = FeatureCache.open(args.folder, model)
+    made = cache.meta.get("extracted_with", {})
+    print(f"feature cache {args.folder}")
+    print(f"  images: {len(cache)}")
+    print(f"  features: {list(cache.feature_shape)} {cache.meta['dtype']}")
+    print(f"  vision fingerprint: {cache.fingerprint}")
+    print(f"  extracted with: preset {made.get('preset')}, precision {made.get('precision')}")
+    if model is not None:
+        print("  valid for the given model: yes")
+
+
+def main(argv: list[str]) -> int | None:
+    parser = argparse.ArgumentParser(prog="csmcir features", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    add_extract_arguments(sub.add_parser("extract", help="run the frozen ViT once per image"))
+    add_info_arguments(sub.add_parser("info", help="describe a cache; check it against a model"))
+    args = parser.parse_args(argv)
+    {"extract": run_extract, "info": run_info}[args.action](args)
+    return 0
