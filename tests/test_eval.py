@@ -149,3 +149,26 @@ def test_a_hidden_answer_split_needs_submission(synth):
         protocols.compute(
             torch.zeros(len(split.queries), len(split.gallery)), protocols.prepare(split)
         )
+
+
+def test_feature_cache_gives_the_same_scores_as_pixels(synth, model_dir, tmp_path):
+    from csmcir.model.features import FeatureCache, extract_features
+
+    model = CSMCIR.from_pretrained(model_dir).eval()
+    split = load_split("synthcir", synth, "val")
+    captions = {g: "a scene" for g in split.gallery}
+    cache = extract_features(model, split.image_paths, tmp_path / "feats", progress=False)
+    pixels = score_split(model, split, captions, cache_dir=None).scores
+    cached = score_split(model, split, captions, cache_dir=None, features=cache).scores
+    assert torch.allclose(pixels, cached, atol=2e-3)  # fp16 features
+    other = CSMCIR.from_preset("tiny", tokenizer_corpus=["a scene"], seed=3)
+    with pytest.raises(DataError):
+        FeatureCache.open(tmp_path / "feats", other)
+    partial = extract_features(
+        model,
+        {split.gallery[0]: split.image_paths[split.gallery[0]]},
+        tmp_path / "partial",
+        progress=False,
+    )
+    with pytest.raises(DataError, match="has no features for"):
+        score_split(model, split, captions, cache_dir=None, features=partial)

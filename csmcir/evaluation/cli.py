@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=protocols.DEFAULT_JOIN,
         help="FashionIQ: how the two captions form one text (default 'and', CLIP4Cir/SPRC)",
     )
+    p.add_argument(
+        "--features", type=Path, help="frozen-ViT feature cache (csmcir features extract)"
+    )
     p.add_argument("--submission", type=Path, help="write test-server files to this folder")
     p.add_argument("--name", default="csmcir", help="suffix of the submission file names")
     p.add_argument("--out", type=Path, help="results JSON (default runs/eval/<...>.json)")
@@ -98,6 +101,11 @@ def run(args: argparse.Namespace) -> dict:
 
     model = load_model(args.model, corpus, seed=args.seed).to(pick_device(args.device))
     fingerprint = model.fingerprint()
+    features = None
+    if args.features:
+        from csmcir.model.features import FeatureCache
+
+        features = FeatureCache.open(args.features, model)  # another ViT's cache is refused
     metrics: dict[str, dict[str, float]] = {}
     data: dict[str, dict] = {}
     written: list[str] = []
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             cache_dir=None if args.no_cache else args.cache_dir,
             batch_size=args.batch_size,
             fingerprint=fingerprint,
+            features=features,
         )
         data[s.benchmark] = s.summary() | {"gallery_from_cache": scored.gallery_from_cache}
         if args.submission:
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> dict:
             "root": str(args.root),
             "captions": str(args.captions) if args.captions else None,
             "empty_captions": args.empty_captions,
+            "features": str(args.features) if args.features else None,
             "splits": data,
         },
         "protocol": protocol,

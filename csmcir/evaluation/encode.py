@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from csmcir.data.images import load_image
-from csmcir.errors import DataError
+from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_bytes
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
@@ -43,9 +43,13 @@ def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
 
     if Path(spec).is_dir():
         return CSMCIR.from_pretrained(spec)
-    from csmcir.model.presets import load_preset
+    from csmcir.model.presets import list_presets, load_preset
 
-    preset = load_preset(spec)  # an unknown name is a ConfigError listing the presets
+    if spec not in list_presets():
+        raise ConfigError(
+            f"--model {spec!r} is neither a model folder nor a preset ({', '.join(list_presets())})"
+        )
+    preset = load_preset(spec)
     texts = corpus() if preset.tokenizer == "wordpiece" else None
     return CSMCIR.from_preset(spec, tokenizer_corpus=texts, seed=seed)
 
@@ -88,18 +92,29 @@ def encode_images(
     side: str,
     batch_size: int = 64,
     desc: str = "encoding",
+    ids: Sequence[str] | None = None,
+    features=None,
 ) -> torch.Tensor:
-    """Embed (image, text) pairs with ``encode_query`` or ``encode_target``; fp32 on the CPU."""
+    """Embed (image, text) pairs with ``encode_query`` or ``encode_target``; fp32 on the CPU.
+
+    With ``features`` (an open ``csmcir.model.features.FeatureCache``) the frozen ViT's output
+    is read from the cache by image id instead of running the ViT; an id it lacks is an error.
+    """
     if texts is not None and len(texts) != len(paths):
         raise ValueError(f"{len(texts)} texts for {len(paths)} images")
+    if features is not None and (ids is None or len(ids) != len(paths)):
+        raise ValueError("reading a feature cache needs the image ids")
     encode = {"query": model.encode_query, "target": model.encode_target}[side]
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        images = [load_image(p) for p in paths[start : start + batch_size]]
-        pixels = model.preprocess(images)
-        batch_texts = None if texts is None else list(texts[start : start + batch_size])
-        chunks.append(encode(batch_texts, pixel_values=pixels).float().cpu())
+        end = start + batch_size
+        batch_texts = None if texts is None else list(texts[start:end])
+        if features is not None:
+            inputs = {"vision_features": features.get(list(ids[start:end]))}
+        else:
+            inputs = {"pixel_values": model.preprocess([load_image(p) for p in paths[start:end]])}
+        chunks.append(encode(batch_texts, **inputs).float().cpu())
     if not chunks:
         raise DataError(f"{desc}: nothing to encode")
     return torch.cat(chunks)
@@ -127,19 +142,29 @@ def encode_gallery(
     cache_dir: Path | None = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
     fingerprint: str | None = None,
+    features=None,
 ) -> tuple[torch.Tensor, bool]:
     """Gallery embeddings ``[N, D]`` (or ``[N, Q, D]``) and whether they came from the cache."""
     fingerprint = fingerprint or model.fingerprint()
     path = None
     if cache_dir is not None:
-        key = gallery_key(fingerprint, paths, ids, texts)
+        # fp16 cached ViT features give slightly different embeddings than pixels.
+        source = f"features {features.fingerprint}" if features is not None else "pixels"
+        key = gallery_key(f"{fingerprint} {source}", paths, ids, texts)
         path = Path(cache_dir) / "gallery" / f"{key[:40]}.safetensors"
         if path.is_file():
             cached = load_file(path)["embeddings"]
             if cached.shape[0] == len(ids):
                 return cached, True
     embeddings = encode_images(
-        model, paths, texts, side="target", batch_size=batch_size, desc="gallery"
+        model,
+        paths,
+        texts,
+        side="target",
+        batch_size=batch_size,
+        desc="gallery",
+        ids=ids,
+        features=features,
     )
     if path is not None:
         meta = {"model": fingerprint, "images": str(len(ids)), "version": CACHE_VERSION}

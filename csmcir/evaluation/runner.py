@@ -37,7 +37,9 @@ def score_split(
     cache_dir: Path | None = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
     fingerprint: str | None = None,
+    features=None,
 ) -> SplitScores:
+    """Encode ``split``'s gallery (cached) and queries; ``features``: an open FeatureCache."""
     prepared = prepare(split)
     texts = target_texts(model, split.gallery, captions, empty_captions)
     gallery, cached = encode_gallery(
@@ -48,10 +50,18 @@ def score_split(
         cache_dir=cache_dir,
         batch_size=batch_size,
         fingerprint=fingerprint,
+        features=features,
     )
     references = [split.image_path(q.reference) for q in split.queries]
     queries = encode_images(
-        model, references, prepared.texts, side="query", batch_size=batch_size, desc="queries"
+        model,
+        references,
+        prepared.texts,
+        side="query",
+        batch_size=batch_size,
+        desc="queries",
+        ids=[q.reference for q in split.queries],
+        features=features,
     )
     return SplitScores(prepared, score_matrix(model, queries, gallery), cached)
 
