@@ -1,0 +1,127 @@
+"""``csmcir fit`` and ``csmcir validate``: LightningCLI over CSMCIRModule and CIRDataModule.
+
+Every option is a flag or a YAML key (``--config configs/synthcir.yaml --data.root DIR
+--data.captions FILE --trainer.max_steps N``); LightningCLI rejects unknown keys by name. On top
+of Lightning's defaults a run gets, under ``trainer.default_root_dir`` (default
+``checkpoints/<benchmark>-<preset>``):
+
+- ``last.ckpt`` (every ``--checkpoint_every`` steps and at each validation) and ``best.ckpt``
+  (best ``val/score``), for resuming with ``--ckpt_path``;
+- ``model/`` and ``best/``: exported inference folders, written when fit ends;
+- ``logs/version_N/``: CSV and TensorBoard logs and the full config of the run.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)`` unless ``--weights_only false``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from csmcir.train.datamodule import CIRDataModule
+from csmcir.train.export import ExportModel
+from csmcir.train.module import CSMCIRModule
+from csmcir.train.validation import SCORE
+
+
+class CSMCIRCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--checkpoint_every",
+            type=int,
+            default=500,
+            help="write last.ckpt every N training steps as well as at validation (0: only then)",
+        )
+
+    def before_fit(self) -> None:
+        self._default_weights_only()
+
+    def before_validate(self) -> None:
+        self._default_weights_only()
+
+    def _default_weights_only(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    def run_dir(self) -> Path:
+        config = self.config_init[self.subcommand]
+        given = config["trainer"].get("default_root_dir")
+        if given:
+            return Path(given)
+        return Path("checkpoints") / f"{config['data'].benchmark}-{config['model'].hparams.preset}"
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]
+        trainer_config = config["trainer"]
+        root = self.run_dir()
+        kwargs.setdefault("default_root_dir", str(root))
+        logger = trainer_config.get("logger")
+        if logger is None or logger is True:
+            version = next_version(root / "logs")  # one folder for both loggers
+            logger = [
+                CSVLogger(root, name="logs", version=version),
+                TensorBoardLogger(root, name="logs", version=version, default_hp_metric=False),
+            ]
+            kwargs["logger"] = logger
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        every = config.get("checkpoint_every", 0)
+        callbacks += [
+            ModelCheckpoint(
+                dirpath=root,
+                filename="best",
+                monitor=SCORE,
+                mode="max",
+                save_last=True,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+            ),
+            ExportModel(root),
+        ]
+        if every > 0:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=root,
+                    save_top_k=0,
+                    save_last=True,
+                    every_n_train_steps=every,
+                    enable_version_counter=False,
+                )
+            )
+        if logger:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def next_version(folder: Path) -> str:
+    """``version_N`` with N one past the highest in ``folder``: each run logs apart."""
+    taken = [
+        int(p.name.removeprefix("version_"))
+        for p in folder.glob("version_*")
+        if p.name.removeprefix("version_").isdigit()
+    ]
+    return f"version_{max(taken, default=-1) + 1}"
+
+
+def main(argv: list[str]) -> int:
+    """``argv`` starts with the subcommand (``fit`` or ``validate``), as csmcir.cli passes it."""
+    # The run folder holds the logs as well as the checkpoints; that is by design.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    CSMCIRCLI(
+        CSMCIRModule,
+        CIRDataModule,
+        # None: parse sys.argv itself (the DDP launcher re-runs the same command line).
+        args=None if argv == sys.argv[1:] else argv,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "csmcir"},
+    )
+    return 0

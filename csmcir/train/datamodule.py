@@ -1,0 +1,329 @@
+"""One LightningDataModule for every benchmark, built on the registry's ``load_split``.
+
+What differs between benchmarks is only which splits train and which validate (FashionIQ trains
+on the union of its three categories and validates per category; Shoes and Fashion200k have no
+val split and validate on test, as their papers do) and which recalls are reported. That lives
+in :data:`PLANS`; the loading, caching and batching code is shared.
+
+The model hands its image preprocessing to the DataModule (:meth:`CIRDataModule.attach`) when it
+is built, because the tiny preset's tokenizer is built from this DataModule's texts first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from csmcir.data.captions import load_captions
+from csmcir.data.layout import first_few
+from csmcir.data.records import CIRSplit
+from csmcir.errors import ConfigError, DataError
+from csmcir.train.datasets import (
+    ImageSource,
+    InMemoryImages,
+    TrainTriplets,
+    ValidationItems,
+    collate,
+)
+from csmcir.train.sampler import EpochShuffleSampler
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which splits a benchmark trains and validates on: ``(name, split, loader options)``.
+
+    Several ``train`` entries are concatenated; several ``val`` entries are validated and logged
+    one by one (``val/<name>/...``) and then combined.
+    """
+
+    train: tuple[tuple[str, str, dict[str, Any]], ...]
+    val: tuple[tuple[str, str, dict[str, Any]], ...]
+
+
+def _one(train: str, val: str) -> Callable[[tuple[str, ...]], SplitPlan]:
+    return lambda _: SplitPlan(train=((train, train, {}),), val=((val, val, {}),))
+
+
+def _fashioniq(categories: tuple[str, ...]) -> SplitPlan:
+    return SplitPlan(
+        train=tuple((c, "train", {"category": c}) for c in categories),
+        val=tuple((c, "val", {"category": c}) for c in categories),
+    )
+
+
+PLANS: dict[str, Callable[[tuple[str, ...]], SplitPlan]] = {
+    "synthcir": _one("train", "val"),
+    "cirr": _one("train", "val"),
+    "fashioniq": _fashioniq,
+    "shoes": _one("train", "test"),
+    "fashion200k": _one("train", "test"),
+}
+
+
+def caption_command(benchmark: str, root: Path, out: Path, categories: tuple[str, ...] = ()) -> str:
+    """The commands that write the target-caption file ``out`` this run needs.
+
+    The synthetic benchmark is captioned by the ``oracle`` backend (from its scenes); real
+    benchmarks need a local MLLM (``--backend hf --model-dir DIR``) or an OpenAI-compatible
+    server (``--backend openai --base-url URL --model NAME``).
+    """
+    shards = out.parent / f"{out.stem}_shards"
+    backend = "oracle" if benchmark == "synthcir" else "hf --model-dir MLLM_DIR"
+    runs = [
+        f"csmcir caption run --benchmark {benchmark} --root {root} --split all"
+        + (f" --category {c}" if c else "")
+        + f" --backend {backend} --out {shards}"
+        for c in categories or ("",)
+    ]
+    return " && ".join([*runs, f"csmcir caption merge {shards} --out {out}"])
+
+
+@dataclass
+class LoadedSplits:
+    train: list[CIRSplit] = field(default_factory=list)
+    val: list[tuple[str, CIRSplit]] = field(default_factory=list)
+
+
+class CIRDataModule(L.LightningDataModule):
+    """Training triplets and validation galleries of one benchmark.
+
+    Args:
+        benchmark: registry name (synthcir, cirr, fashioniq, shoes, fashion200k).
+        root: the dataset folder (see datasets/README.md for each layout).
+        captions: merged MCoT caption file (``csmcir caption merge``); required when the model
+            reads target captions.
+        batch_size: training queries per step and rank (in-batch negatives = batch x ranks).
+        val_batch_size: images per validation step.
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        cache_images: decode every image once into memory (small benchmarks only).
+        categories: FashionIQ categories to train and validate on (default: all three).
+        drop_missing: drop queries whose images are missing instead of stopping (they are
+            counted and listed on the split).
+        seed: data-order seed; default the ``seed_everything`` seed.
+    """
+
+    def __init__(
+        self,
+        benchmark: str,
+        root: Path,
+        captions: Path | None = None,
+        batch_size: int = 128,
+        val_batch_size: int = 256,
+        num_workers: int = 0,
+        cache_images: bool = False,
+        categories: list[str] | None = None,
+        drop_missing: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if benchmark not in PLANS:
+            raise ConfigError(
+                f"--data.benchmark: cannot train on {benchmark!r}; choose one of "
+                f"{', '.join(PLANS)} (CIRCO has no training split: evaluate on it)"
+            )
+        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ConfigError(f"--data.{key} must be at least 1, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"--data.num_workers must be 0 or more, got {num_workers}")
+        if categories is not None and benchmark != "fashioniq":
+            raise ConfigError("--data.categories applies to fashioniq only")
+        self.save_hyperparameters()
+        self.benchmark = benchmark
+        self.root = Path(root)
+        self.captions_path = Path(captions) if captions is not None else None
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.cache_images = cache_images
+        self.drop_missing = drop_missing
+        self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        from csmcir.data.fashioniq import CATEGORIES
+
+        self.plan = PLANS[benchmark](tuple(categories or CATEGORIES))
+        self.splits: LoadedSplits | None = None
+        self.captions: dict[str, str] | None = None
+        self.preprocess: Callable[[Image.Image], Tensor] | None = None
+        self.needs_captions = False
+        self._images: ImageSource | None = None
+        self._resume: tuple[int, int] | None = None
+
+    # -- loading --------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Read the annotation files and captions once (both training and validation need them)."""
+        if self.splits is not None:
+            return
+        from csmcir.data.registry import load_split
+
+        def load(split: str, options: dict[str, Any]) -> CIRSplit:
+            return load_split(
+                self.benchmark, self.root, split, drop_missing=self.drop_missing, **options
+            )
+
+        splits = LoadedSplits(val=[(name, load(s, o)) for name, s, o in self.plan.val])
+        if stage == "fit":
+            splits.train = [load(s, o) for _, s, o in self.plan.train]
+            for split in splits.train:
+                unanswered = [q.query_id for q in split.queries if not q.targets]
+                if unanswered:
+                    raise DataError(
+                        f"{split.benchmark}/{split.split}: {len(unanswered)} training queries "
+                        f"have no target: {first_few(unanswered)}"
+                    )
+        self.splits = splits
+        if self.captions_path is not None:
+            if not self.captions_path.is_file():
+                raise DataError(
+                    f"--data.captions: caption file not found: {self.captions_path}. "
+                    f"Make it with: {self._caption_command()}"
+                )
+            self.captions = load_captions(self.captions_path)
+
+    def _loaded(self) -> LoadedSplits:
+        if self.splits is None:
+            raise RuntimeError("CIRDataModule.setup() has not run")
+        return self.splits
+
+    def text_corpus(self) -> list[str]:
+        """Training texts for building a tokenizer: modification texts and target captions."""
+        texts = [t for split in self._loaded().train for q in split.queries for t in q.texts]
+        if self.captions is not None:
+            targets = {q.target for split in self._loaded().train for q in split.queries}
+            texts += [self.captions[t] for t in sorted(targets) if t in self.captions]
+        return texts
+
+    def attach(self, preprocess: Callable[[Image.Image], Tensor], needs_captions: bool) -> None:
+        """Take the model's image preprocessing; check captions if the model reads them."""
+        if needs_captions:
+            self.require_captions()
+        self.preprocess = preprocess
+        self.needs_captions = needs_captions
+        self._images = None
+
+    def require_captions(self) -> None:
+        """A DataError with the command that makes them, unless every target has a caption."""
+        loaded = self._loaded()
+        if self.captions is None:
+            raise DataError(
+                "this model reads target captions, but no caption file was given "
+                f"(--data.captions FILE). Make one with: {self._caption_command()}"
+            )
+        needed: dict[str, None] = {}
+        for split in loaded.train:
+            needed.update(dict.fromkeys(q.target for q in split.queries))
+        for _, split in loaded.val:
+            needed.update(dict.fromkeys(split.gallery))
+        missing = [i for i in needed if i not in self.captions]
+        if missing:
+            raise DataError(
+                f"{self.captions_path}: {len(missing)} of {len(needed)} target images have no "
+                f"caption: {first_few(missing)}. Caption them with: {self._caption_command()}"
+            )
+
+    def _caption_command(self) -> str:
+        out = self.captions_path or self.root / "mcot_captions.json"
+        categories = tuple(o["category"] for _, _, o in self.plan.train if "category" in o)
+        return caption_command(self.benchmark, self.root, out, categories)
+
+    def _image_source(self) -> ImageSource:
+        if self.preprocess is None:
+            raise RuntimeError("CIRDataModule.attach() must give the model's preprocessing first")
+        if self._images is None:
+            loaded = self._loaded()
+            paths: dict[str, Path] = {}
+            for split in loaded.train + [s for _, s in loaded.val]:
+                for image_id in split.referenced_images():
+                    paths.setdefault(image_id, split.image_path(image_id))
+            source = InMemoryImages if self.cache_images else ImageSource
+            self._images = source(paths, self.preprocess)
+        return self._images
+
+    def _captions_for_model(self) -> dict[str, str] | None:
+        return self.captions if self.needs_captions else None
+
+    # -- loaders --------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        loaded = self._loaded()
+        dataset = TrainTriplets(
+            loaded.train, self._image_source(), self._captions_for_model(), self.seed
+        )
+        world, rank = self._world()
+        if len(dataset) < self.batch_size * world:
+            raise ConfigError(
+                f"--data.batch_size {self.batch_size} x {world} rank(s) exceeds the "
+                f"{len(dataset)} training queries of {self.benchmark}"
+            )
+        sampler = EpochShuffleSampler(dataset, seed=self.seed, num_replicas=world, rank=rank)
+        if self._resume is not None:
+            epoch, batches = self._resume
+            sampler.resume(epoch, batches * self.batch_size)
+            self._resume = None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        images = self._image_source()
+        loaders = []
+        for _, split in self._loaded().val:
+            dataset = ValidationItems(split, images, self._captions_for_model())
+            # Every rank validates the whole split (a one-replica DistributedSampler, which
+            # Lightning leaves alone): metrics need the full gallery, and it is small.
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            loaders.append(
+                DataLoader(
+                    dataset,
+                    batch_size=self.val_batch_size,
+                    sampler=sampler,
+                    collate_fn=collate,
+                    num_workers=self.num_workers,
+                )
+            )
+        return loaders
+
+    def val_splits(self) -> list[tuple[str, CIRSplit]]:
+        """(name, split) of each validation loader, in loader order."""
+        return list(self._loaded().val)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    # -- resuming mid-epoch ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data order stands, so a resumed run continues it exactly."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch = trainer.current_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # saved at the end of an epoch
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state["seed"] != self.seed:
+            raise ConfigError(
+                f"the checkpoint's data seed is {state['seed']}, this run's is {self.seed}: "
+                "resume with the same seed_everything / --data.seed"
+            )
+        self._resume = (state["epoch"], state["batches"])

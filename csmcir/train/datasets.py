@@ -1,0 +1,162 @@
+"""Torch datasets over CIRSplits: training triplets, validation gallery+queries, and their images.
+
+Images reach the model through an :class:`ImageSource`: decoded and preprocessed on each access
+(big benchmarks, with DataLoader workers), or once into memory (the synthetic benchmark: a few
+thousand 64 px PNGs, so every epoch after the first costs no decoding at all).
+
+Randomness in a sample (FashionIQ's choice among its caption forms) comes from a generator
+seeded with ``(seed, epoch, index)``: the same sample in the same epoch gets the same text, in
+any worker, after a resume, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from csmcir.data.images import load_image
+from csmcir.data.records import CIRQuery, CIRSplit
+
+Preprocess = Callable[[Image.Image], Tensor]
+
+# Validation items are gallery targets (encoded with encode_target) or queries (encode_query).
+GALLERY, QUERY = 0, 1
+
+
+class ImageSource:
+    """Image id -> preprocessed pixel tensor ``[3, H, W]``, decoding the file on each access."""
+
+    def __init__(self, paths: dict[str, Path], preprocess: Preprocess) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __getitem__(self, image_id: str) -> Tensor:
+        return self.preprocess(load_image(self.paths[image_id]))
+
+
+class InMemoryImages(ImageSource):
+    """Every image decoded and preprocessed once, up front, and kept as a tensor."""
+
+    def __init__(
+        self, paths: dict[str, Path], preprocess: Preprocess, desc: str = "caching images"
+    ) -> None:
+        super().__init__(paths, preprocess)
+        self.tensors: dict[str, Tensor] = {}
+        for image_id, path in tqdm(paths.items(), desc=desc, unit="img", leave=False):
+            self.tensors[image_id] = preprocess(load_image(path))
+
+    def __getitem__(self, image_id: str) -> Tensor:
+        return self.tensors[image_id]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A generator that depends only on (seed, epoch, index); str seeds hash the same everywhere."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    split: CIRSplit
+    query: CIRQuery
+
+
+class TrainTriplets(Dataset):
+    """(reference image, modification text, target image, target caption) per training query.
+
+    ``image_keys`` numbers every image id of the union of splits: batches carry these integers
+    so that equal targets can be found across DDP ranks (strings cannot be all-gathered).
+    """
+
+    def __init__(
+        self,
+        splits: Sequence[CIRSplit],
+        images: ImageSource,
+        captions: dict[str, str] | None,
+        seed: int = 0,
+    ) -> None:
+        self.items = [TrainItem(s, q) for s in splits for q in s.queries]
+        self.images = images
+        self.captions = captions
+        self.seed = seed
+        ids: dict[str, None] = {}
+        for item in self.items:
+            ids.setdefault(item.query.reference)
+            ids.setdefault(item.query.target)
+        self.image_keys = {image_id: i for i, image_id in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        item = self.items[index]
+        query, target = item.query, item.query.target
+        return {
+            "reference_pixels": self.images[query.reference],
+            "text": item.split.train_text(query, sample_rng(self.seed, epoch, index)),
+            "target_pixels": self.images[target],
+            "target_caption": self.captions[target] if self.captions is not None else None,
+            "reference_key": self.image_keys[query.reference],
+            "target_key": self.image_keys[target],
+        }
+
+
+class ValidationItems(Dataset):
+    """A validation split as one sequence: its gallery targets first, then its queries.
+
+    Encoding the gallery once and then the queries is the evaluation protocol; a single dataset
+    lets one Lightning validation loader (with its progress bar) do both in order.
+    """
+
+    def __init__(
+        self, split: CIRSplit, images: ImageSource, captions: dict[str, str] | None
+    ) -> None:
+        self.split = split
+        self.images = images
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.split.gallery) + len(self.split.queries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n_gallery = len(self.split.gallery)
+        if index < n_gallery:
+            image_id = self.split.gallery[index]
+            caption = self.captions[image_id] if self.captions is not None else None
+            return {
+                "kind": GALLERY,
+                "position": index,
+                "pixels": self.images[image_id],
+                "text": caption,
+            }
+        position = index - n_gallery
+        query = self.split.queries[position]
+        return {
+            "kind": QUERY,
+            "position": position,
+            "pixels": self.images[query.reference],
+            "text": self.split.eval_text(query),
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors and ints, keep texts as lists; a text of None (no captions) stays None."""
+    batch: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        values = [s[key] for s in samples]
+        if isinstance(first, Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, int):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,347 @@
+"""The LightningModule: one shared encoder trained with InfoNCE on (query, target) pairs.
+
+Each query is scored against its own target and every other target of the batch (all ranks'
+under DDP, gathered with gradients), with a learnt, clamped temperature. Validation encodes each
+split's gallery targets, then its queries, and reports the benchmark's recalls.
+
+The model is built in :meth:`setup`, not in ``__init__``: the tiny preset's tokenizer is trained
+on the DataModule's texts, which exist only once the data is read. A checkpoint carries the model
+config and tokenizer files, so it rebuilds the exact model without the data.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from csmcir.errors import ConfigError
+from csmcir.train.datasets import GALLERY, QUERY
+from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
+from csmcir.train.loss import Temperature, info_nce, prediction_entropy
+from csmcir.train.schedule import warmup_cosine_scheduler
+from csmcir.train.validation import summarise
+
+
+class NegativeSource(Protocol):
+    """What the LightningModule asks of a memory bank once per training step.
+
+    ``extra_negatives`` gets this rank's L2-normalised queries and targets ``[B, D]``, the
+    in-batch logits ``[B, N]`` (similarity / temperature), the integer image keys of the
+    targets and references, the global step and the temperature. It returns keyword arguments
+    of :func:`~csmcir.train.loss.info_nce` (``extra_logits``, ``extra_bias``, ``extra_mask``),
+    optionally with ``stats``, a dict of scalars to log; it may store the targets for later.
+    """
+
+    def extra_negatives(
+        self,
+        *,
+        queries: Tensor,
+        targets: Tensor,
+        in_batch_logits: Tensor,
+        target_keys: Tensor,
+        reference_keys: Tensor,
+        step: int,
+        temperature: Tensor,
+    ) -> dict[str, Any]: ...
+
+
+class CSMCIRModule(L.LightningModule):
+    """Training and validation of a :class:`~csmcir.model.CSMCIR` encoder.
+
+    Args:
+        preset: model preset to start from (``tiny``: random weights, tokenizer built from the
+            training texts; ``blip2-vitg``: BLIP-2 stage-1 weights from ``weights``).
+        init_from: an exported model folder (or a BLIP-2 download) to start from instead.
+        weights: folder of the preset's pretrained weights (default: the preset's own rule).
+        model_options: model config overrides, e.g. ``{"tower": "separate"}``,
+            ``{"target_text": "none"}``, ``{"precision": "bf16"}``.
+        vocab_size: WordPiece vocabulary size of a tokenizer built from the corpus.
+        lr: peak AdamW learning rate (reached after ``warmup_steps``, then cosine decay).
+        weight_decay: AdamW weight decay of matrices (biases, norms, the temperature: none).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio`` at ``max_steps``.
+        temperature: initial softmax temperature.
+        learn_temperature: learn it (clamped to ``temperature_range``) or keep it fixed.
+        temperature_range: (min, max) of the learnt temperature.
+        mask_duplicate_targets: do not count another copy of a query's target image in the
+            batch as a negative.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        init_from: Path | None = None,
+        weights: Path | None = None,
+        model_options: dict[str, Any] | None = None,
+        vocab_size: int = 2048,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        temperature_range: tuple[float, float] = (0.01, 0.5),
+        mask_duplicate_targets: bool = True,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ConfigError(f"--model.lr must be positive, got {lr}")
+        if warmup_steps < 0:
+            raise ConfigError(f"--model.warmup_steps must be 0 or more, got {warmup_steps}")
+        low, high = temperature_range
+        if not 0 < low <= temperature <= high:
+            raise ConfigError(
+                f"--model.temperature {temperature} must lie in --model.temperature_range "
+                f"[{low}, {high}] with a positive minimum"
+            )
+        self.save_hyperparameters(
+            {
+                **{k: v for k, v in locals().items() if k not in {"self", "__class__"}},
+                "init_from": None if init_from is None else str(init_from),
+                "weights": None if weights is None else str(weights),
+                "betas": list(betas),
+                "temperature_range": list(temperature_range),
+            }
+        )
+        self.model = None  # built in setup() or from a checkpoint
+        self.temperature = Temperature(temperature, low, high, learn=learn_temperature)
+        # The memory bank plugs in here (see NegativeSource): each training step asks it for
+        # extra negatives of this batch's queries and hands it this batch's targets.
+        self.memory_bank: NegativeSource | None = None
+        self._val_outputs: dict[int, dict[int, list[tuple[Tensor, Tensor]]]] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # -- building the model ---------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = self._datamodule()
+        if self.model is None:
+            if self._expected_target_text() == "caption":
+                datamodule.require_captions()  # before the (possibly slow) model build
+            self.model = self._build_model(datamodule)
+        datamodule.attach(self.model.transform.one, self.model.config.target_text == "caption")
+
+    def _datamodule(self):
+        from csmcir.train.datamodule import CIRDataModule
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, CIRDataModule):
+            raise ConfigError("CSMCIRModule trains with a csmcir.train.datamodule.CIRDataModule")
+        return datamodule
+
+    def _expected_target_text(self) -> str | None:
+        """What the model will read on the target side, when known before building it."""
+        from csmcir.model.presets import load_preset
+
+        hp = self.hparams
+        options = hp.model_options or {}
+        if "target_text" in options:
+            return options["target_text"]
+        return None if hp.init_from is not None else load_preset(hp.preset).config.target_text
+
+    def _build_model(self, datamodule):
+        from csmcir.model import CSMCIR
+        from csmcir.model.presets import load_preset
+
+        hp = self.hparams
+        options = dict(hp.model_options or {})
+        if hp.init_from is not None:
+            return CSMCIR.from_pretrained(hp.init_from, **options)
+        preset = load_preset(hp.preset)
+        corpus = datamodule.text_corpus() if preset.tokenizer == "wordpiece" else None
+        return CSMCIR.from_preset(
+            hp.preset,
+            tokenizer_corpus=corpus,
+            weights=hp.weights,
+            vocab_size=hp.vocab_size,
+            seed=torch.initial_seed() % (1 << 63),
+            **options,
+        )
+
+    # -- training -------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        model = self.model
+        queries = model.encode_query(batch["text"], pixel_values=batch["reference_pixels"])
+        targets = model.encode_target(batch["target_caption"], pixel_values=batch["target_pixels"])
+        all_targets, all_keys, offset = self._gather_targets(targets, batch["target_key"])
+        similarities = model.similarity(queries, all_targets)
+        labels = offset + torch.arange(queries.shape[0], device=queries.device)
+        ignore = None
+        if self.hparams.mask_duplicate_targets:
+            ignore = all_keys[None, :] == batch["target_key"][:, None]
+        tau = self.temperature()
+        extra = self._bank_negatives(queries, targets, similarities / tau, batch, tau)
+        loss = info_nce(similarities, tau, labels, ignore_mask=ignore, **extra)
+        batch_size = queries.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/temperature", tau.detach(), batch_size=batch_size)
+        self.log("train/entropy", prediction_entropy(similarities, tau), batch_size=batch_size)
+        self.log("train/candidates", float(similarities.shape[1]), batch_size=batch_size)
+        return loss
+
+    def _gather_targets(self, targets: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Every rank's targets (with gradients) and image keys; this rank's offset in them."""
+        if self.trainer.world_size == 1:
+            return targets, keys, 0
+        gathered = self.all_gather(targets, sync_grads=True).flatten(0, 1)
+        all_keys = self.all_gather(keys).flatten(0, 1)
+        return gathered, all_keys, self.trainer.global_rank * targets.shape[0]
+
+    def _bank_negatives(
+        self, queries: Tensor, targets: Tensor, in_batch_logits: Tensor, batch: dict, tau: Tensor
+    ) -> dict[str, Tensor]:
+        """Extra negatives for :func:`info_nce` from the memory bank, if one is configured."""
+        if self.memory_bank is None:
+            return {}
+        extra = self.memory_bank.extra_negatives(
+            queries=queries,
+            targets=targets,
+            in_batch_logits=in_batch_logits,
+            target_keys=batch["target_key"],
+            reference_keys=batch["reference_key"],
+            step=self.global_step,
+            temperature=tau,
+        )
+        self.log_dict(extra.pop("stats", {}), batch_size=queries.shape[0])
+        return extra
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.temperature.clamp_()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not np.isfinite(total) or total < 1:
+            raise ConfigError("set --trainer.max_steps (the schedule is laid out in steps)")
+        scheduler = warmup_cosine_scheduler(
+            optimizer, min(hp.warmup_steps, int(total)), int(total), hp.min_lr_ratio
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- validation -----------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = defaultdict(lambda: {GALLERY: [], QUERY: []})
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
+        model = self.model
+        kinds, positions = batch["kind"], batch["position"]
+        for kind in (GALLERY, QUERY):
+            rows = (kinds == kind).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            pixels = batch["pixels"][rows]
+            texts = [batch["text"][i] for i in rows.tolist()]
+            if kind == GALLERY:
+                captions = None if texts[0] is None else texts
+                embeddings = model.encode_target(captions, pixel_values=pixels)
+            else:
+                embeddings = model.encode_query(texts, pixel_values=pixels)
+            self._val_outputs[dataloader_idx][kind].append((positions[rows].cpu(), embeddings))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return  # a few batches only: the gallery is incomplete
+        from csmcir.evaluation.protocols import compute, prepare
+
+        datamodule = self._datamodule()
+        per_split: dict[str, dict[str, float]] = {}
+        for index, (name, split) in enumerate(datamodule.val_splits()):
+            outputs = self._val_outputs.get(index)
+            gallery = _ordered(outputs[GALLERY] if outputs else [], len(split.gallery))
+            queries = _ordered(outputs[QUERY] if outputs else [], len(split.queries))
+            if gallery is None or queries is None:
+                raise ConfigError(
+                    f"validation of {name} saw part of its gallery or queries; recall needs "
+                    "all of them: leave --trainer.limit_val_batches at 1.0"
+                )
+            scores = self.model.similarity(queries, gallery).float().cpu()
+            per_split[name] = compute(scores, prepare(split))
+        self._val_outputs = {}
+        self.log_dict(summarise(datamodule.benchmark, per_split), sync_dist=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what rebuilds the model without the data, and the RNG states of this step."""
+        checkpoint[CHECKPOINT_KEY] = {**checkpoint_entry(self.model), "rng": _rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        if stored is None:
+            raise ConfigError("this checkpoint was not written by csmcir fit (no model config)")
+        if (
+            self.model is None
+            or self.model.config.to_dict() != stored["model_config"]
+            or tokenizer_files(self.model.tokenizer) != stored["tokenizer_files"]
+        ):
+            self.model = model_from_entry(stored)
+            if self._trainer is not None and self.trainer.datamodule is not None:
+                self.setup("fit")
+        self._rng_to_restore = stored["rng"]
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch, numpy and Python RNG states in forms ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _ordered(parts: list[tuple[Tensor, Tensor]], expected: int) -> Tensor | None:
+    """Embeddings in position order, or None unless every position 0..expected-1 came once."""
+    if not parts:
+        return None if expected else torch.empty(0)
+    positions = torch.cat([p for p, _ in parts])
+    embeddings = torch.cat([e for _, e in parts])
+    if len(positions) != expected or not torch.equal(
+        positions.sort().values, torch.arange(expected)
+    ):
+        return None
+    return embeddings[positions.argsort()]

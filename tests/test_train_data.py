@@ -1,0 +1,183 @@
+"""Training data: sampler order and resume, per-sample randomness, datasets, collate, plans."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from csmcir.data.records import CIRQuery, CIRSplit
+from csmcir.errors import ConfigError
+from csmcir.train.datamodule import PLANS, CIRDataModule, caption_command
+from csmcir.train.datasets import (
+    GALLERY,
+    QUERY,
+    ImageSource,
+    InMemoryImages,
+    TrainTriplets,
+    ValidationItems,
+    collate,
+    sample_rng,
+)
+from csmcir.train.sampler import EpochShuffleSampler
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.tensor(list(image.getdata()), dtype=torch.float32).T.reshape(3, *image.size)
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> CIRSplit:
+    """Four images of flat colours; three queries; a text rule that draws from the generator."""
+    paths = {}
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]):
+        paths[f"img{i}"] = tmp_path / f"img{i}.png"
+        Image.new("RGB", (2, 2), colour).save(paths[f"img{i}"])
+    queries = [
+        CIRQuery("q0", "img0", ("a", "b"), ("img1",)),
+        CIRQuery("q1", "img1", ("c", "d"), ("img2",)),
+        CIRQuery("q2", "img2", ("e", "f"), ("img1",)),
+    ]
+    return CIRSplit(
+        benchmark="toy",
+        split="train",
+        queries=queries,
+        gallery=["img1", "img2", "img3"],
+        image_paths=paths,
+        train_text=lambda q, rng: rng.choice(q.texts),
+        eval_text=lambda q: " and ".join(q.texts),
+    )
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch():
+    data = range(10)
+    a = EpochShuffleSampler(data, seed=3)
+    b = EpochShuffleSampler(data, seed=3)
+    assert list(a) == list(b)
+    first = list(a)
+    assert sorted(i for i, _ in first) == list(range(10))
+    assert {e for _, e in first} == {0}
+    a.set_epoch(1)
+    second = list(a)
+    assert {e for _, e in second} == {1}
+    assert [i for i, _ in second] != [i for i, _ in first]
+    assert list(EpochShuffleSampler(data, seed=4)) != first
+
+
+def test_sampler_shards_ranks_disjointly_with_equal_lengths():
+    data = range(11)
+    ranks = [list(EpochShuffleSampler(data, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5  # drop_last: 11 -> 2 x 5
+    seen = [i for rank in ranks for i, _ in rank]
+    assert len(set(seen)) == 10
+
+
+def test_sampler_resume_skips_consumed_samples_once():
+    data = range(12)
+    full = list(EpochShuffleSampler(data, seed=1).__iter__())
+    sampler = EpochShuffleSampler(data, seed=1)
+    sampler.set_epoch(2)
+    epoch2 = list(sampler)
+    resumed = EpochShuffleSampler(data, seed=1)
+    resumed.resume(epoch=2, skip=5)
+    assert list(resumed) == epoch2[5:]
+    assert list(resumed) == epoch2  # the skip applies to the resumed epoch only once
+    resumed.set_epoch(0)
+    assert list(resumed) == full
+
+
+def test_sample_rng_depends_only_on_seed_epoch_index():
+    draw = [sample_rng(0, 1, 2).random() for _ in range(2)]
+    assert draw[0] == draw[1]
+    assert sample_rng(0, 1, 2).random() != sample_rng(0, 2, 2).random()
+    assert sample_rng(0, 1, 2).random() != sample_rng(1, 1, 2).random()
+
+
+def test_train_triplets(split: CIRSplit):
+    images = ImageSource(split.image_paths, to_tensor)
+    captions = {"img1": "green", "img2": "blue"}
+    data = TrainTriplets([split], images, captions, seed=7)
+    assert len(data) == 3
+    item = data[(1, 4)]
+    assert item["text"] == random.Random("7/4/1").choice(("c", "d"))
+    assert item["target_caption"] == "blue"
+    assert torch.equal(item["reference_pixels"][:, 0, 0], torch.tensor([0.0, 255.0, 0.0]))
+    assert torch.equal(item["target_pixels"][:, 0, 0], torch.tensor([0.0, 0.0, 255.0]))
+    # keys number the images; equal targets (q0 and q2 both want img1) get equal keys
+    assert data[0]["target_key"] == data[2]["target_key"] != data[1]["target_key"]
+    assert data[1]["reference_key"] == data[0]["target_key"]
+    texts = {data[(0, epoch)]["text"] for epoch in range(20)}
+    assert texts == {"a", "b"}  # the text changes with the epoch, deterministically
+    assert TrainTriplets([split], images, None)[0]["target_caption"] is None
+
+
+def test_in_memory_images_decode_once(split: CIRSplit):
+    calls = []
+
+    def counting(image):
+        calls.append(1)
+        return to_tensor(image)
+
+    cached = InMemoryImages(split.image_paths, counting)
+    assert len(calls) == 4
+    assert torch.equal(cached["img3"], ImageSource(split.image_paths, to_tensor)["img3"])
+    cached["img3"]
+    assert len(calls) == 4
+
+
+def test_validation_items_put_the_gallery_before_the_queries(split: CIRSplit):
+    images = ImageSource(split.image_paths, to_tensor)
+    items = ValidationItems(split, images, {"img1": "g", "img2": "b", "img3": "x"})
+    assert len(items) == 6
+    kinds = [items[i]["kind"] for i in range(6)]
+    assert kinds == [GALLERY] * 3 + [QUERY] * 3
+    assert items[2]["text"] == "x" and items[2]["position"] == 2
+    assert items[4]["text"] == "c and d" and items[4]["position"] == 1
+    assert torch.equal(items[4]["pixels"], images["img1"])
+    assert ValidationItems(split, images, None)[0]["text"] is None
+
+
+def test_collate_stacks_tensors_and_keeps_texts():
+    batch = collate(
+        [
+            {"x": torch.zeros(2), "k": 1, "text": "a", "cap": None},
+            {"x": torch.ones(2), "k": 5, "text": "b", "cap": None},
+        ]
+    )
+    assert batch["x"].shape == (2, 2)
+    assert batch["k"].dtype == torch.long and batch["k"].tolist() == [1, 5]
+    assert batch["text"] == ["a", "b"] and batch["cap"] == [None, None]
+
+
+def test_plans():
+    fiq = PLANS["fashioniq"](("dress", "shirt", "toptee"))
+    assert [s for _, s, _ in fiq.train] == ["train"] * 3
+    assert [o["category"] for _, _, o in fiq.val] == ["dress", "shirt", "toptee"]
+    assert PLANS["shoes"](()).val == (("test", "test", {}),)
+    assert PLANS["cirr"](()).val == (("val", "val", {}),)
+
+
+def test_datamodule_rejects_bad_options(tmp_path: Path):
+    with pytest.raises(ConfigError, match="CIRCO has no training split"):
+        CIRDataModule("circo", tmp_path)
+    with pytest.raises(ConfigError, match=r"--data\.batch_size"):
+        CIRDataModule("synthcir", tmp_path, batch_size=0)
+    with pytest.raises(ConfigError, match="fashioniq only"):
+        CIRDataModule("cirr", tmp_path, categories=["dress"])
+    only_dress = CIRDataModule("fashioniq", tmp_path, categories=["dress"])
+    assert [name for name, _, _ in only_dress.plan.val] == ["dress"]
+
+
+def test_caption_command():
+    synth = caption_command("synthcir", Path("d/s"), Path("d/s/caps.json"))
+    assert synth == (
+        "csmcir caption run --benchmark synthcir --root d/s --split all --backend oracle "
+        "--out d/s/caps_shards && csmcir caption merge d/s/caps_shards --out d/s/caps.json"
+    )
+    fiq = caption_command("fashioniq", Path("f"), Path("f/c.json"), ("dress", "shirt"))
+    assert fiq.count("csmcir caption run") == 2
+    assert "--category dress" in fiq and "--category shirt" in fiq
+    assert "--backend hf --model-dir MLLM_DIR" in fiq
