@@ -142,3 +142,16 @@ def test_index_and_search_commands(tiny, tmp_path, capsys):
     )
     assert csmcir_main([*search, "--model", str(other)]) == 2
     assert "the index was built by model" in capsys.readouterr().err
+
+
+def test_approximate_search_that_finds_fewer_than_k_pads_with_minus_one():
+    # 1 of 64 IVF cells searched over 100 vectors: far fewer than 50 results come back.
+    gallery, queries = unit(100, 8), unit(3, 8, seed=4)
+    ids = [str(i) for i in range(100)]
+    index = GalleryIndex.from_embeddings(
+        gallery, ids, fingerprint="f", kind="ivf", nlist=64, nprobe=1
+    )
+    hits = index.search(queries, 50)
+    for row_ids, row in zip(hits.ids, hits.indices, strict=True):
+        found = row[row >= 0]
+        assert len(row_ids) == len(found) < 50 and row_ids == [ids[j] for j in found]

@@ -35,7 +35,11 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Hits:
-    """Search results, best first: ``ids[i][r]`` scored ``scores[i, r]`` for query i."""
+    """Search results, best first: ``ids[i][r]`` scored ``scores[i, r]`` for query i.
+
+    ``indices`` are gallery positions; where an approximate index found fewer than k images the
+    rows end in -1 (and ``ids[i]`` is shorter).
+    """
 
     ids: list[list[str]]
     scores: np.ndarray
@@ -193,7 +197,8 @@ class GalleryIndex:
             scores, found = self._best_per_image(scores, found, k)
         else:
             scores, found = scores[:, :k], found[:, :k]
-        ids = [[self.ids[j] if j >= 0 else "" for j in row] for row in found]
+        # An approximate index can find fewer than k: faiss pads with -1, left out of ``ids``.
+        ids = [[self.ids[j] for j in row if j >= 0] for row in found]
         return Hits(ids, scores, found)
 
     def _best_per_image(self, scores: np.ndarray, found: np.ndarray, k: int):

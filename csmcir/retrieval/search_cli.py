@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from csmcir.data.images import load_image
-from csmcir.errors import ConfigError
+from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import pick_device
 from csmcir.retrieval.grid import GridItem, save_grid
 from csmcir.retrieval.index import GalleryIndex
@@ -58,8 +58,10 @@ def main(argv: list[str]) -> int:
 
     items = [
         GridItem(image_id, index.path_of(image_id), float(score))
-        for image_id, score in zip(hits.ids[0], hits.scores[0], strict=True)
+        for image_id, score in zip(hits.ids[0], hits.scores[0], strict=False)
     ]
+    if not items:
+        raise DataError(f"the index {args.index} returned nothing for this query")
     width = max(len(i.image_id) for i in items)
     print(f'query: {args.ref} + "{args.text}"')
     for rank, item in enumerate(items, start=1):
