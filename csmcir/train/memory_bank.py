@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csmcir.errors import ConfigError
+
+if TYPE_CHECKING:
+    from csmcir.model import CSMCIR
 
 Selection = Literal["all", "random", "hardest", "entropy"]
 Window = Literal["fixed", "entropy"]
@@ -200,6 +203,17 @@ class MemoryBank(nn.Module):
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
         self.register_buffer("entropy_ema", torch.ones(()))
         self._probe: Tensor | None = None  # last probe snapshot; diagnostic only, not checkpointed
+
+    @classmethod
+    def for_model(cls, config: MemoryBankConfig, model: CSMCIR) -> MemoryBank:
+        """The bank of ``model``'s target embeddings; token-level targets are refused."""
+        if model.config.target_text != "caption":
+            raise ConfigError(
+                f"bank.enabled needs one vector per target (model target_text='caption'), got "
+                f"target_text={model.config.target_text!r}: token-level targets would multiply "
+                "the bank's memory by the number of query tokens"
+            )
+        return cls(config, model.config.embed_dim)
 
     def active(self, step: int) -> bool:
         return self.config.enabled and step >= self.config.start_step
