@@ -13,6 +13,7 @@ import ast
 import json
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,13 +132,22 @@ def _extract_fields(text: str) -> dict[str, Any] | None:
     for chunk in [*_FENCE.findall(text), text]:
         objects += _json_objects(chunk)
     for obj in objects:
-        flat = _flatten(obj)
-        if _find(flat, _FINAL_ALIASES) is not None:
-            return flat
+        for candidate in _nested_dicts(obj):
+            flat = _flatten(candidate)
+            if _find(flat, _FINAL_ALIASES) is not None:
+                return flat
     lines = {m.group(1): m.group(2) for m in _LINE.finditer(text)}
     if _find(lines, _FINAL_ALIASES) is not None:
         return lines
     return _flatten(objects[0]) if objects else None
+
+
+def _nested_dicts(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``obj`` and every object inside it, outermost first: answers get wrapped in envelopes."""
+    yield obj
+    for value in obj.values():
+        if isinstance(value, dict):
+            yield from _nested_dicts(value)
 
 
 def _flatten(obj: dict[str, Any]) -> dict[str, Any]:

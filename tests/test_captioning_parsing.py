@@ -140,6 +140,12 @@ def test_key_variants_nested_levels_and_structured_values():
     }
 
 
+def test_an_answer_wrapped_in_an_envelope_object():
+    text = json.dumps({"response": {"analysis": GOOD}, "confidence": 0.9})
+    cap = parse_answer(text, SPEC)
+    assert cap.final == GOOD["Final_Caption"] and cap.levels["details"] == "white buttons"
+
+
 def test_missing_levels_are_recorded_not_invented():
     cap = parse_answer('{"global": "a dress", "Final_Caption": "a long red dress"}', SPEC)
     assert cap.levels == {"global": "a dress"}
