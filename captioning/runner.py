@@ -22,9 +22,8 @@ from captioning.store import CaptionStore, failure_record, ok_record
 
 @dataclass
 class RunSummary:
-    """Counts of one run over the pending images."""
+    """What one run over the pending images did."""
 
-    pending: int = 0
     captioned: int = 0
     failed: int = 0
     seconds: float = 0.0
@@ -47,7 +46,7 @@ async def caption_images(
         raise ValueError("max_attempts must be at least 1")
     loop = asyncio.get_running_loop()
     start = loop.time()
-    summary = RunSummary(pending=len(images))
+    summary = RunSummary()
     queue: asyncio.Queue[Request] = asyncio.Queue()
     for image_id, path in images.items():
         queue.put_nowait(Request(image_id, Path(path), spec))
@@ -58,6 +57,7 @@ async def caption_images(
 
     def finish(record: dict) -> None:
         store.append(record)
+        reasons.pop(record["image_id"], None)
         if record["status"] == "ok":
             summary.captioned += 1
         else:
