@@ -107,12 +107,15 @@ def run(args: argparse.Namespace) -> int:
     from captioning.runner import run_captioning
     from captioning.store import CaptionStore, Shard
     from captioning.targets import gallery_images
+    from csmcir.data import registry
 
     if args.max_attempts < 1:
         raise ConfigError("--max-attempts must be at least 1")
+    registry.spec(args.benchmark)  # an unknown name is reported before anything slow runs
     shard = Shard.parse(args.shard)
     levels = tuple(lv.strip() for lv in args.levels.split(",") if lv.strip())
     spec = PromptSpec(args.domain or domain_for(args.benchmark), args.style, levels, args.max_words)
+    backend = make_backend(args)
     options = {"category": args.category} if args.category else {}
     images, dropped = gallery_images(
         args.benchmark, args.root, args.split, drop_missing=args.drop_missing, **options
@@ -121,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"dropped {len(dropped)} missing image(s) (--drop-missing): {', '.join(dropped[:10])}"
         )
-    backend = make_backend(args)
     ids = list(images)
     backend.check(spec, ids)
     with CaptionStore(args.out, shard) as store:
