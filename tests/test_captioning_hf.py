@@ -153,9 +153,9 @@ def test_batched_generation_matches_one_image_at_a_time(tiny_mllm, tmp_path):
         requests.append(Request(f"im{i}", path, spec))
     requests.append(Request("broken", tmp_path / "absent.png", spec))
     backend = HFBackend(tiny_mllm, dtype="float32", device="cpu", batch_size=4, max_new_tokens=8)
-    backend._load()
-    batched = backend._generate(requests)
-    single = [backend._generate([r])[0] for r in requests]
+    backend.load()
+    batched = backend.generate_batch(requests)
+    single = [backend.generate_batch([r])[0] for r in requests]
     assert [a.text for a in batched[:3]] == [a.text for a in single[:3]]
     assert all(len(a.text.split()) == 8 and a.truncated for a in batched[:3])
     assert "image not found" in batched[3].reason
@@ -174,4 +174,4 @@ def test_missing_or_template_less_model_folders_are_config_errors(tiny_mllm, tmp
     (bare / "processor_config.json").write_text(json.dumps(config))
     backend = HFBackend(bare, dtype="float32", device="cpu")
     with pytest.raises(ConfigError, match="no chat template"):
-        backend._load()
+        backend.load()

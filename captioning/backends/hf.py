@@ -55,10 +55,11 @@ class HFBackend(Backend):
         return f"hf:{self.model_dir.name}"
 
     async def __aenter__(self) -> HFBackend:
-        await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self.load)
         return self
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load processor and model (``async with`` does it in a thread)."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -102,9 +103,10 @@ class HFBackend(Backend):
         )
 
     async def generate(self, requests: Sequence[Request]) -> list[Answer | BackendFailure]:
-        return await asyncio.to_thread(self._generate, requests)
+        return await asyncio.to_thread(self.generate_batch, requests)
 
-    def _generate(self, requests: Sequence[Request]) -> list[Answer | BackendFailure]:
+    def generate_batch(self, requests: Sequence[Request]) -> list[Answer | BackendFailure]:
+        """Blocking generation for a batch; unreadable images become failures, not errors."""
         out: dict[int, Answer | BackendFailure] = {}
         groups: dict[bool, list[tuple[int, object]]] = {False: [], True: []}
         for i, request in enumerate(requests):
