@@ -1,0 +1,48 @@
+"""``csmcir demo``: serve the retrieval demo for an index built by ``csmcir index build``.
+
+    csmcir demo --index runs/index/synth                 # the model the index was built with
+    csmcir demo --model checkpoints/synthcir-tiny --index runs/index/synth --port 7861
+
+The page serves on 127.0.0.1 (this machine only) unless --host says otherwise; there is no
+public share link. Uploaded references are capped at --max-upload-mb and must decode as images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from csmcir.demo.engine import DEFAULT_MAX_UPLOAD_MB, RetrievalDemo
+from csmcir.errors import ConfigError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="csmcir demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--index", required=True, type=Path, help="folder from csmcir index build")
+    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: the first free from 7860)")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest reference upload accepted (default {DEFAULT_MAX_UPLOAD_MB:g})",
+    )
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be within 1..65535, got {args.port}")
+
+    from csmcir.evaluation.encode import pick_device
+
+    demo = RetrievalDemo.load(args.index, args.model, pick_device(args.device), args.max_upload_mb)
+    from csmcir.demo.app import launch
+
+    folders = ", ".join(map(str, demo.gallery_folders()))
+    print(f"serving {len(demo.index)} gallery images; files readable from: {folders}")
+    launch(demo, args.host, args.port)
+    return 0

@@ -1,0 +1,272 @@
+"""The retrieval demo: its rules in Python (uploads, gallery files, search), then in a browser."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from csmcir.cli import main as csmcir_main
+from csmcir.data.images import load_image
+from csmcir.data.registry import load_split
+from csmcir.demo.engine import RetrievalDemo
+from csmcir.errors import ConfigError, DataError
+from csmcir.model import CSMCIR
+from csmcir.retrieval import GalleryIndex
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def scene_captions(root: Path) -> dict[str, str]:
+    """A plain caption per image from scenes.json (a stand-in for the MCoT captions)."""
+    scenes = json.loads((root / "scenes.json").read_text())["images"]
+    return {
+        name: ", ".join(f"a {o['size']} {o['color']} {o['shape']}" for o in scene["objects"])
+        for name, scene in scenes.items()
+    }
+
+
+def train_briefly(model: CSMCIR, root: Path, captions: dict[str, str], steps: int) -> CSMCIR:
+    """A few InfoNCE steps: an untrained tiny model embeds every input almost alike."""
+    from csmcir.train.loss import info_nce
+
+    split = load_split("synthcir", root, "test")
+    refs = model.preprocess([load_image(split.image_path(q.reference)) for q in split.queries])
+    tgts = model.preprocess([load_image(split.image_path(q.target)) for q in split.queries])
+    texts = [q.texts[0] for q in split.queries]
+    target_texts = [captions[q.target] for q in split.queries]
+    with torch.no_grad():
+        ref_features, tgt_features = model.vision_features(refs), model.vision_features(tgts)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        q = model.encode_query(texts, vision_features=ref_features)
+        t = model.encode_target(target_texts, vision_features=tgt_features)
+        loss = info_nce(q @ t.T, 0.1)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic test split, a briefly trained tiny model and its index, on disk."""
+    tmp = tmp_path_factory.mktemp("demo")
+    root = tmp / "synth"
+    synth = ["data", "synth", "--out", str(root), "--seed", "0", "--train-refs", "1"]
+    assert csmcir_main([*synth, "--val-refs", "1", "--test-refs", "6"]) == 0
+    captions = scene_captions(root)
+    (tmp / "captions.json").write_text(json.dumps(captions))
+    split = load_split("synthcir", root, "test")
+    corpus = [q.texts[0] for q in split.queries] + list(captions.values())
+    torch.manual_seed(0)
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=corpus, seed=0, freeze_vision=True)
+    train_briefly(model, root, captions, steps=6).save_pretrained(tmp / "model")
+    build = ["index", "build", "--model", str(tmp / "model"), "--benchmark", "synthcir"]
+    build += ["--root", str(root), "--split", "test", "--captions", str(tmp / "captions.json")]
+    assert csmcir_main([*build, "--out", str(tmp / "index"), "--no-cache", "--device", "cpu"]) == 0
+    return {"root": root, "model": tmp / "model", "index": tmp / "index", "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def demo(built) -> RetrievalDemo:
+    return RetrievalDemo.load(built["index"], max_upload_mb=0.05)
+
+
+def brute_force(demo: RetrievalDemo, reference: Image.Image, text: str) -> list[tuple[str, float]]:
+    """Every gallery image scored by encoding it directly: what the index must reproduce."""
+    captions = json.loads(Path(demo.index.meta["captions"]).read_text())
+    ids = demo.index.ids
+    with torch.inference_mode():
+        q = demo.model.encode_query([text], images=[reference])
+        t = demo.model.encode_target(
+            [captions[i] for i in ids], images=[load_image(demo.gallery[i]) for i in ids]
+        )
+    scores = (q @ t.T)[0]
+    order = torch.argsort(scores, descending=True, stable=True)
+    return [(ids[j], float(scores[j])) for j in order]
+
+
+def test_search_matches_brute_force_and_hides_the_reference(demo):
+    reference_id = demo.index.ids[4]
+    reference = load_image(demo.gallery[reference_id])
+    expected = brute_force(demo, reference, "make the small circle red")
+    results = demo.search(reference, "  make the small circle red ", k=5, exclude=reference_id)
+    kept = [(i, s) for i, s in expected if i != reference_id][:5]
+    assert [r.image_id for r in results] == [i for i, _ in kept]
+    np.testing.assert_allclose([r.score for r in results], [s for _, s in kept], atol=1e-5)
+    assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+    assert all(r.path == demo.gallery[r.image_id] for r in results)
+    shown = demo.search(reference, "make the small circle red", k=5)
+    assert [r.image_id for r in shown] == [i for i, _ in expected[:5]]
+    # the trained model tells images apart: scores are not all alike
+    assert shown[0].score - shown[-1].score > 1e-3
+
+
+def test_search_refuses_empty_text_and_k_out_of_range(demo):
+    reference = load_image(demo.gallery[demo.index.ids[0]])
+    with pytest.raises(ConfigError, match="type a modification text"):
+        demo.search(reference, "   ")
+    with pytest.raises(ConfigError, match=r"k must be within 1\.\.50, got 0"):
+        demo.search(reference, "add a cube", k=0)
+
+
+def test_uploads_must_be_small_decodable_images(demo, tmp_path):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(small)
+    image = demo.check_upload(small)
+    assert image.size == (20, 10) and image.getpixel((3, 3)) == (200, 10, 10)
+
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    with pytest.raises(DataError, match=r"notes\.png is not an image this demo can read"):
+        demo.check_upload(fake)
+
+    big = tmp_path / "big.png"  # 0.05 MB limit = 52428 bytes; random pixels do not compress
+    pixels = np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(big)
+    assert big.stat().st_size > 52428
+    too_big = r"big\.png is 0\.0[5-9] MB; uploads are limited to 0\.05 MB"
+    with pytest.raises(DataError, match=too_big):
+        demo.check_upload(big)
+    with pytest.raises(ConfigError, match="--max-upload-mb must be positive"):
+        RetrievalDemo(demo.model, demo.index, max_upload_mb=0)
+
+
+def test_gallery_files_folders_and_lookup(demo, built):
+    test_folder = (built["root"] / "test").resolve()
+    assert demo.gallery_folders() == [test_folder]
+    assert set(demo.gallery) == set(load_split("synthcir", built["root"], "test").gallery)
+    assert demo.find("0001", 100) == [i for i in demo.index.ids if "0001" in i]
+    assert demo.find("", 3) == demo.index.ids[:3]
+    with pytest.raises(DataError, match="'scenes' is not an image of this index's gallery"):
+        demo.gallery_image("scenes")
+
+
+def test_load_refuses_missing_images_and_a_foreign_model(built, tmp_path):
+    index = GalleryIndex.load(built["index"])
+    index.paths[2] = str(tmp_path / "gone.png")
+    index.save(tmp_path / "index")
+    with pytest.raises(DataError, match=r"1 of \d+ gallery images of the index are not on disk"):
+        RetrievalDemo.load(tmp_path / "index", built["model"])
+    other = CSMCIR.from_preset("tiny", tokenizer_corpus=["add a red cube"], seed=3)
+    with pytest.raises(DataError, match="the index was built by model"):
+        RetrievalDemo(other, GalleryIndex.load(built["index"]))
+    assert csmcir_main(["demo", "--index", str(built["index"]), "--port", "0"]) == 2
+    assert csmcir_main(["demo", "--index", str(tmp_path / "nowhere")]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_demo_in_a_real_browser(demo, built, tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from csmcir.demo.app import launch
+
+    port = free_port()
+    app = launch(demo, "127.0.0.1", port, block=False, quiet=True)
+    url = f"http://127.0.0.1:{port}"
+    outside: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.on("request", lambda r: None if r.url.startswith(url) else outside.append(r.url))
+            page.goto(url)
+
+            # pick the 4th gallery thumbnail as the reference
+            thumbnails = page.locator("#picker img")
+            expect(thumbnails).to_have_count(len(demo.index))
+            thumbnails.nth(3).click()
+            reference_id = demo.index.ids[3]
+            expect(page.locator("#reference-label")).to_contain_text(
+                f"Reference: gallery image {reference_id}"
+            )
+            page.fill("#text textarea", "make the small circle red")
+            page.click("#search")
+            rows = page.locator("#results-table tbody tr")
+            expect(rows).to_have_count(10)
+
+            reference = load_image(demo.gallery[reference_id])
+            ranked = brute_force(demo, reference, "make the small circle red")
+            expected = [(i, s) for i, s in ranked if i != reference_id][:10]
+            shown = [row.split("\t") for row in rows.all_inner_texts()]
+            assert [r[0] for r in shown] == [str(n) for n in range(1, 11)]
+            assert [r[1] for r in shown] == [i for i, _ in expected]
+            np.testing.assert_allclose(
+                [float(r[2]) for r in shown], [s for _, s in expected], atol=1e-4
+            )
+            expect(page.locator("#status")).to_contain_text(
+                'Top 10 for "make the small circle red"'
+            )
+            result_images = page.locator("#results img")
+            expect(result_images).to_have_count(10)
+            expect(page.locator("#results")).to_contain_text(
+                f"#1 · {expected[0][1]:.3f} · {expected[0][0]}"
+            )
+
+            # a non-image upload: an error in the page, the reference cleared, no traceback
+            fake = tmp_path / "holiday.png"
+            fake.write_text("this is a text file")
+            page.set_input_files("#upload input[type=file]", str(fake))
+            message = "holiday.png is not an image this demo can read"
+            expect(page.locator("#status")).to_contain_text(f"Error: {message}")
+            expect(page.locator(".toast-body").first).to_contain_text(message)
+            expect(page.locator("#reference-label")).to_contain_text("No reference yet")
+            expect(rows).to_have_count(0)
+            assert "Traceback" not in page.content()
+            page.click("#search")
+            expect(page.locator("#status")).to_contain_text("Error: No reference yet")
+
+            # an upload over the size limit: Gradio's own cap says so in the page
+            big = tmp_path / "big.png"
+            pixels = np.random.default_rng(1).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(big)
+            page.set_input_files("#upload input[type=file]", str(big))
+            expect(page.locator(".toast-body", has_text="big.png")).to_contain_text(
+                "exceed the maximum allowed size"
+            )
+
+            # a real image upload works as the reference
+            uploaded = tmp_path / "mine.png"
+            Image.open(demo.gallery[demo.index.ids[7]]).save(uploaded)
+            page.set_input_files("#upload input[type=file]", str(uploaded))
+            expect(page.locator("#reference-label")).to_contain_text("uploaded file mine.png")
+            page.click("#search")
+            expect(rows).to_have_count(10)
+            own = brute_force(demo, load_image(uploaded), "make the small circle red")[:10]
+            assert [row.split("\t")[1] for row in rows.all_inner_texts()] == [i for i, _ in own]
+
+            # the server hands out gallery images and nothing else
+            get = page.request.get
+            assert get(f"{url}/gradio_api/file={demo.gallery[reference_id]}").status == 200
+            for private in (built["model"] / "model.safetensors", built["root"] / "scenes.json"):
+                assert get(f"{url}/gradio_api/file={private.resolve()}").status == 403
+            browser.close()
+    finally:
+        app.close()
+    assert outside == []  # offline: the page asks nothing of any other host
