@@ -31,7 +31,10 @@ def machine() -> str:
 
 def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the section ``name`` with ``body``, stamped with command and date."""
-    command = "python " + " ".join(sys.argv)
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(BENCHMARKS_MD.parent):
+        script = script.relative_to(BENCHMARKS_MD.parent)
+    command = " ".join(["python", str(script), *sys.argv[1:]])
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     section = (
         f"<!-- bench:{name} -->\n{body.rstrip()}\n\n"
