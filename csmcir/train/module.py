@@ -11,6 +11,7 @@ config and tokenizer files, so it rebuilds the exact model without the data.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from csmcir.errors import ConfigError
 from csmcir.train.datasets import GALLERY, QUERY
 from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
 from csmcir.train.loss import Temperature, info_nce, prediction_entropy
+from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
 from csmcir.train.schedule import warmup_cosine_scheduler
 from csmcir.train.validation import summarise
 
@@ -73,6 +75,8 @@ class CSMCIRModule(L.LightningModule):
         temperature_range: (min, max) of the learnt temperature.
         mask_duplicate_targets: do not count another copy of a query's target image in the
             batch as a negative.
+        bank: the memory bank of hard negatives (docs/memory_bank.md); off unless
+            ``enabled: true``.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class CSMCIRModule(L.LightningModule):
         learn_temperature: bool = True,
         temperature_range: tuple[float, float] = (0.01, 0.5),
         mask_duplicate_targets: bool = True,
+        bank: MemoryBankConfig | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -110,6 +115,8 @@ class CSMCIRModule(L.LightningModule):
                 "weights": None if weights is None else str(weights),
                 "betas": list(betas),
                 "temperature_range": list(temperature_range),
+                # a dict, not the dataclass: checkpoints load with weights_only=True
+                "bank": dataclasses.asdict(bank) if isinstance(bank, MemoryBankConfig) else bank,
             }
         )
         self.model = None  # built in setup() or from a checkpoint
@@ -117,6 +124,8 @@ class CSMCIRModule(L.LightningModule):
         # The memory bank plugs in here (see NegativeSource): each training step asks it for
         # extra negatives of this batch's queries and hands it this batch's targets.
         self.memory_bank: NegativeSource | None = None
+        self.bank_config = MemoryBankConfig(**bank) if isinstance(bank, dict) else bank
+        self._probe: tuple[list[str], dict[str, Tensor]] | None = None
         self._val_outputs: dict[int, dict[int, list[tuple[Tensor, Tensor]]]] = {}
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -128,6 +137,7 @@ class CSMCIRModule(L.LightningModule):
             if self._expected_target_text() == "caption":
                 datamodule.require_captions()  # before the (possibly slow) model build
             self.model = self._build_model(datamodule)
+        self._build_bank()
         datamodule.attach(self.model.transform.one, self.model.config.target_text == "caption")
 
     def _datamodule(self):
@@ -147,6 +157,16 @@ class CSMCIRModule(L.LightningModule):
         if "target_text" in options:
             return options["target_text"]
         return None if hp.init_from is not None else load_preset(hp.preset).config.target_text
+
+    def _build_bank(self) -> None:
+        """The memory bank, when enabled; DDP does not broadcast its buffers, because every rank
+        writes the same all-gathered batches and so holds the same bank already."""
+        if self.memory_bank is not None or not (self.bank_config and self.bank_config.enabled):
+            return
+        self.memory_bank = MemoryBank.for_model(self.bank_config, self.model)
+        self._ddp_params_and_buffers_to_ignore = [
+            f"memory_bank.{name}" for name, _ in self.memory_bank.named_buffers()
+        ]
 
     def _build_model(self, datamodule):
         from csmcir.model import CSMCIR
@@ -213,7 +233,30 @@ class CSMCIRModule(L.LightningModule):
             temperature=tau,
         )
         self.log_dict(extra.pop("stats", {}), batch_size=queries.shape[0])
+        if isinstance(self.memory_bank, MemoryBank):
+            self._log_probe_drift(batch)
         return extra
+
+    def _log_probe_drift(self, batch: dict[str, Any]) -> None:
+        """Every ``probe_every`` steps, re-encode the first batch's first targets (no gradient,
+        eval mode): their drift is the bank's early warning of a runaway encoder."""
+        config = self.memory_bank.config
+        if not config.probe_every or self.global_step % config.probe_every:
+            return
+        if self._probe is None:
+            n = config.probe_size
+            self._probe = (
+                list(batch["target_caption"][:n]),
+                {"pixel_values": batch["target_pixels"][:n].detach().clone()},
+            )
+        texts, inputs = self._probe
+        self.model.eval()
+        with torch.no_grad():
+            embeddings = self.model.encode_target(texts, **inputs)
+        self.model.train()
+        drift = self.memory_bank.probe_drift(embeddings)
+        if drift is not None:
+            self.log("bank/drift", drift, batch_size=len(texts))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.temperature.clamp_()
