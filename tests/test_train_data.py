@@ -104,8 +104,8 @@ def test_train_triplets(split: CIRSplit):
     item = data[(1, 4)]
     assert item["text"] == random.Random("7/4/1").choice(("c", "d"))
     assert item["target_caption"] == "blue"
-    assert torch.equal(item["reference_pixels"][:, 0, 0], torch.tensor([0.0, 255.0, 0.0]))
-    assert torch.equal(item["target_pixels"][:, 0, 0], torch.tensor([0.0, 0.0, 255.0]))
+    assert torch.equal(item["reference_image"][:, 0, 0], torch.tensor([0.0, 255.0, 0.0]))
+    assert torch.equal(item["target_image"][:, 0, 0], torch.tensor([0.0, 0.0, 255.0]))
     # keys number the images; equal targets (q0 and q2 both want img1) get equal keys
     assert data[0]["target_key"] == data[2]["target_key"] != data[1]["target_key"]
     assert data[1]["reference_key"] == data[0]["target_key"]
@@ -136,7 +136,7 @@ def test_validation_items_put_the_gallery_before_the_queries(split: CIRSplit):
     assert kinds == [GALLERY] * 3 + [QUERY] * 3
     assert items[2]["text"] == "x" and items[2]["position"] == 2
     assert items[4]["text"] == "c and d" and items[4]["position"] == 1
-    assert torch.equal(items[4]["pixels"], images["img1"])
+    assert torch.equal(items[4]["image"], images["img1"])
     assert ValidationItems(split, images, None)[0]["text"] is None
 
 

@@ -19,10 +19,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from csmcir.errors import ConfigError
 from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import ExportModel
 from csmcir.train.module import CSMCIRModule
@@ -37,17 +39,28 @@ class CSMCIRCLI(LightningCLI):
             default=500,
             help="write last.ckpt every N training steps as well as at validation (0: only then)",
         )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="torch CPU threads per process (default: torch's choice). On a small, shared "
+            "CPU, 1 avoids the thread contention that slows the tiny model several-fold",
+        )
 
     def before_fit(self) -> None:
-        self._default_weights_only()
+        self._prepare_run()
 
     def before_validate(self) -> None:
-        self._default_weights_only()
+        self._prepare_run()
 
-    def _default_weights_only(self) -> None:
+    def _prepare_run(self) -> None:
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True
+        if config.get("threads") is not None:
+            if config["threads"] < 1:
+                raise ConfigError(f"--threads must be at least 1, got {config['threads']}")
+            torch.set_num_threads(config["threads"])
 
     def run_dir(self) -> Path:
         config = self.config_init[self.subcommand]
@@ -110,18 +123,24 @@ def next_version(folder: Path) -> str:
     return f"version_{max(taken, default=-1) + 1}"
 
 
-def main(argv: list[str]) -> int:
-    """``argv`` starts with the subcommand (``fit`` or ``validate``), as csmcir.cli passes it."""
+def run(argv: list[str] | None) -> CSMCIRCLI:
+    """Parse ``argv`` (``None``: ``sys.argv``), run the subcommand; the CLI keeps model,
+    datamodule and trainer for inspection."""
     # The run folder holds the logs as well as the checkpoints; that is by design.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    CSMCIRCLI(
+    return CSMCIRCLI(
         CSMCIRModule,
         CIRDataModule,
-        # None: parse sys.argv itself (the DDP launcher re-runs the same command line).
-        args=None if argv == sys.argv[1:] else argv,
+        args=argv,
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "csmcir"},
     )
+
+
+def main(argv: list[str]) -> int:
+    """``argv`` starts with the subcommand (``fit`` or ``validate``), as csmcir.cli passes it."""
+    # None: LightningCLI parses sys.argv itself (the DDP launcher re-runs that command line).
+    run(None if argv == sys.argv[1:] else argv)
     return 0

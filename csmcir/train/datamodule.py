@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from csmcir.data.captions import load_captions
@@ -27,6 +25,7 @@ from csmcir.data.layout import first_few
 from csmcir.data.records import CIRSplit
 from csmcir.errors import ConfigError, DataError
 from csmcir.train.datasets import (
+    CachedFeatures,
     ImageSource,
     InMemoryImages,
     TrainTriplets,
@@ -104,6 +103,8 @@ class CIRDataModule(L.LightningDataModule):
         val_batch_size: images per validation step.
         num_workers: DataLoader worker processes (0 = load in the training process).
         cache_images: decode every image once into memory (small benchmarks only).
+        features: a frozen-ViT feature cache (``csmcir features extract``) to read instead of
+            the images; the model must keep its ViT frozen.
         categories: FashionIQ categories to train and validate on (default: all three).
         drop_missing: drop queries whose images are missing instead of stopping (they are
             counted and listed on the split).
@@ -119,6 +120,7 @@ class CIRDataModule(L.LightningDataModule):
         val_batch_size: int = 256,
         num_workers: int = 0,
         cache_images: bool = False,
+        features: Path | None = None,
         categories: list[str] | None = None,
         drop_missing: bool = False,
         seed: int | None = None,
@@ -144,6 +146,7 @@ class CIRDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
         self.cache_images = cache_images
+        self.features = Path(features) if features is not None else None
         self.drop_missing = drop_missing
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         from csmcir.data.fashioniq import CATEGORIES
@@ -151,42 +154,50 @@ class CIRDataModule(L.LightningDataModule):
         self.plan = PLANS[benchmark](tuple(categories or CATEGORIES))
         self.splits: LoadedSplits | None = None
         self.captions: dict[str, str] | None = None
-        self.preprocess: Callable[[Image.Image], Tensor] | None = None
+        self.model = None
         self.needs_captions = False
-        self._images: ImageSource | None = None
+        self._images: ImageSource | CachedFeatures | None = None
         self._resume: tuple[int, int] | None = None
 
     # -- loading --------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         """Read the annotation files and captions once (both training and validation need them)."""
-        if self.splits is not None:
-            return
+        if self.splits is None:
+            self.splits = LoadedSplits(
+                val=[(name, self._load(s, o)) for name, s, o in self.plan.val]
+            )
+            if self.captions_path is not None:
+                if not self.captions_path.is_file():
+                    raise DataError(
+                        f"--data.captions: caption file not found: {self.captions_path}. "
+                        f"Make it with: {self._caption_command()}"
+                    )
+                self.captions = load_captions(self.captions_path)
+        if stage == "fit":
+            self._load_train()
+
+    def _load(self, split: str, options: dict[str, Any]) -> CIRSplit:
         from csmcir.data.registry import load_split
 
-        def load(split: str, options: dict[str, Any]) -> CIRSplit:
-            return load_split(
-                self.benchmark, self.root, split, drop_missing=self.drop_missing, **options
-            )
+        return load_split(
+            self.benchmark, self.root, split, drop_missing=self.drop_missing, **options
+        )
 
-        splits = LoadedSplits(val=[(name, load(s, o)) for name, s, o in self.plan.val])
-        if stage == "fit":
-            splits.train = [load(s, o) for _, s, o in self.plan.train]
-            for split in splits.train:
+    def _load_train(self) -> list[CIRSplit]:
+        """The training splits, read on first need (validation alone needs them only for a
+        tokenizer built from their texts)."""
+        loaded = self._loaded()
+        if not loaded.train:
+            loaded.train = [self._load(s, o) for _, s, o in self.plan.train]
+            for split in loaded.train:
                 unanswered = [q.query_id for q in split.queries if not q.targets]
                 if unanswered:
                     raise DataError(
                         f"{split.benchmark}/{split.split}: {len(unanswered)} training queries "
                         f"have no target: {first_few(unanswered)}"
                     )
-        self.splits = splits
-        if self.captions_path is not None:
-            if not self.captions_path.is_file():
-                raise DataError(
-                    f"--data.captions: caption file not found: {self.captions_path}. "
-                    f"Make it with: {self._caption_command()}"
-                )
-            self.captions = load_captions(self.captions_path)
+        return loaded.train
 
     def _loaded(self) -> LoadedSplits:
         if self.splits is None:
@@ -195,17 +206,24 @@ class CIRDataModule(L.LightningDataModule):
 
     def text_corpus(self) -> list[str]:
         """Training texts for building a tokenizer: modification texts and target captions."""
-        texts = [t for split in self._loaded().train for q in split.queries for t in q.texts]
+        train = self._load_train()
+        texts = [t for split in train for q in split.queries for t in q.texts]
         if self.captions is not None:
-            targets = {q.target for split in self._loaded().train for q in split.queries}
+            targets = {q.target for split in train for q in split.queries}
             texts += [self.captions[t] for t in sorted(targets) if t in self.captions]
         return texts
 
-    def attach(self, preprocess: Callable[[Image.Image], Tensor], needs_captions: bool) -> None:
-        """Take the model's image preprocessing; check captions if the model reads them."""
+    def attach(self, model) -> None:
+        """Take the model's preprocessing (or check its features); check the captions it reads."""
+        needs_captions = model.config.target_text == "caption"
         if needs_captions:
             self.require_captions()
-        self.preprocess = preprocess
+        if self.features is not None and not model.config.freeze_vision:
+            raise ConfigError(
+                "--data.features: cached ViT features need a frozen ViT, but this model trains "
+                "its ViT (freeze_vision is false); drop --data.features"
+            )
+        self.model = model
         self.needs_captions = needs_captions
         self._images = None
 
@@ -234,17 +252,30 @@ class CIRDataModule(L.LightningDataModule):
         categories = tuple(o["category"] for _, _, o in self.plan.train if "category" in o)
         return caption_command(self.benchmark, self.root, out, categories)
 
-    def _image_source(self) -> ImageSource:
-        if self.preprocess is None:
-            raise RuntimeError("CIRDataModule.attach() must give the model's preprocessing first")
+    @property
+    def model_input(self) -> str:
+        """The encode_query/encode_target keyword the batches' image tensors feed."""
+        return self._image_source([]).model_input
+
+    def _image_source(self, splits: list[CIRSplit]) -> ImageSource | CachedFeatures:
+        """The images of ``splits``, added to those already available."""
+        if self.model is None:
+            raise RuntimeError("CIRDataModule.attach(model) must come before the dataloaders")
+        paths: dict[str, Path] = {}
+        for split in splits:
+            for image_id in split.referenced_images():
+                paths.setdefault(image_id, split.image_path(image_id))
         if self._images is None:
-            loaded = self._loaded()
-            paths: dict[str, Path] = {}
-            for split in loaded.train + [s for _, s in loaded.val]:
-                for image_id in split.referenced_images():
-                    paths.setdefault(image_id, split.image_path(image_id))
-            source = InMemoryImages if self.cache_images else ImageSource
-            self._images = source(paths, self.preprocess)
+            if self.features is not None:
+                from csmcir.model.features import FeatureCache
+
+                cache = FeatureCache.open(self.features, self.model)
+                self._images = CachedFeatures(cache, paths)
+            else:
+                source = InMemoryImages if self.cache_images else ImageSource
+                self._images = source(paths, self.model.transform.one)
+        else:
+            self._images.add(paths)
         return self._images
 
     def _captions_for_model(self) -> dict[str, str] | None:
@@ -255,7 +286,7 @@ class CIRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loaded = self._loaded()
         dataset = TrainTriplets(
-            loaded.train, self._image_source(), self._captions_for_model(), self.seed
+            loaded.train, self._image_source(loaded.train), self._captions_for_model(), self.seed
         )
         world, rank = self._world()
         if len(dataset) < self.batch_size * world:
@@ -279,7 +310,7 @@ class CIRDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        images = self._image_source()
+        images = self._image_source([split for _, split in self._loaded().val])
         loaders = []
         for _, split in self._loaded().val:
             dataset = ValidationItems(split, images, self._captions_for_model())

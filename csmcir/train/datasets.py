@@ -1,8 +1,10 @@
 """Torch datasets over CIRSplits: training triplets, validation gallery+queries, and their images.
 
 Images reach the model through an :class:`ImageSource`: decoded and preprocessed on each access
-(big benchmarks, with DataLoader workers), or once into memory (the synthetic benchmark: a few
-thousand 64 px PNGs, so every epoch after the first costs no decoding at all).
+(big benchmarks, with DataLoader workers), once into memory (the synthetic benchmark: a few
+thousand 64 px PNGs, so every epoch after the first costs no decoding at all), or as frozen-ViT
+features from the model's feature cache (:class:`CachedFeatures`). ``model_input`` names the
+keyword of ``encode_query``/``encode_target`` that the source's tensors feed.
 
 Randomness in a sample (FashionIQ's choice among its caption forms) comes from a generator
 seeded with ``(seed, epoch, index)``: the same sample in the same epoch gets the same text, in
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from csmcir.data.images import load_image
 from csmcir.data.records import CIRQuery, CIRSplit
+from csmcir.model.features import FeatureCache
 
 Preprocess = Callable[[Image.Image], Tensor]
 
@@ -35,27 +38,54 @@ GALLERY, QUERY = 0, 1
 class ImageSource:
     """Image id -> preprocessed pixel tensor ``[3, H, W]``, decoding the file on each access."""
 
+    model_input = "pixel_values"
+
     def __init__(self, paths: dict[str, Path], preprocess: Preprocess) -> None:
-        self.paths = paths
+        self.paths: dict[str, Path] = {}
         self.preprocess = preprocess
+        self.add(paths)
+
+    def add(self, paths: dict[str, Path]) -> None:
+        """Make more images available (the training split's after the validation split's)."""
+        self.paths.update(paths)
 
     def __getitem__(self, image_id: str) -> Tensor:
         return self.preprocess(load_image(self.paths[image_id]))
 
 
 class InMemoryImages(ImageSource):
-    """Every image decoded and preprocessed once, up front, and kept as a tensor."""
+    """Every image decoded and preprocessed once, when added, and kept as a tensor."""
 
-    def __init__(
-        self, paths: dict[str, Path], preprocess: Preprocess, desc: str = "caching images"
-    ) -> None:
-        super().__init__(paths, preprocess)
+    def __init__(self, paths: dict[str, Path], preprocess: Preprocess) -> None:
         self.tensors: dict[str, Tensor] = {}
-        for image_id, path in tqdm(paths.items(), desc=desc, unit="img", leave=False):
-            self.tensors[image_id] = preprocess(load_image(path))
+        super().__init__(paths, preprocess)
+
+    def add(self, paths: dict[str, Path]) -> None:
+        new = {k: v for k, v in paths.items() if k not in self.tensors}
+        for image_id, path in tqdm(new.items(), desc="caching images", unit="img", leave=False):
+            self.tensors[image_id] = self.preprocess(load_image(path))
+        super().add(new)
 
     def __getitem__(self, image_id: str) -> Tensor:
         return self.tensors[image_id]
+
+
+class CachedFeatures:
+    """Image id -> frozen-ViT features ``[patches, hidden]`` read from a feature cache."""
+
+    model_input = "vision_features"
+
+    def __init__(self, cache: FeatureCache, paths: dict[str, Path]) -> None:
+        self.cache = cache
+        self.add(paths)
+
+    def add(self, paths: dict[str, Path]) -> None:
+        missing = self.cache.missing(list(paths))
+        if missing:
+            self.cache.get(missing[:5])  # the cache's own error: which ids, and the extract command
+
+    def __getitem__(self, image_id: str) -> Tensor:
+        return self.cache.get([image_id])[0]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -79,7 +109,7 @@ class TrainTriplets(Dataset):
     def __init__(
         self,
         splits: Sequence[CIRSplit],
-        images: ImageSource,
+        images: ImageSource | CachedFeatures,
         captions: dict[str, str] | None,
         seed: int = 0,
     ) -> None:
@@ -101,9 +131,9 @@ class TrainTriplets(Dataset):
         item = self.items[index]
         query, target = item.query, item.query.target
         return {
-            "reference_pixels": self.images[query.reference],
+            "reference_image": self.images[query.reference],
             "text": item.split.train_text(query, sample_rng(self.seed, epoch, index)),
-            "target_pixels": self.images[target],
+            "target_image": self.images[target],
             "target_caption": self.captions[target] if self.captions is not None else None,
             "reference_key": self.image_keys[query.reference],
             "target_key": self.image_keys[target],
@@ -118,7 +148,7 @@ class ValidationItems(Dataset):
     """
 
     def __init__(
-        self, split: CIRSplit, images: ImageSource, captions: dict[str, str] | None
+        self, split: CIRSplit, images: ImageSource | CachedFeatures, captions: dict[str, str] | None
     ) -> None:
         self.split = split
         self.images = images
@@ -135,7 +165,7 @@ class ValidationItems(Dataset):
             return {
                 "kind": GALLERY,
                 "position": index,
-                "pixels": self.images[image_id],
+                "image": self.images[image_id],
                 "text": caption,
             }
         position = index - n_gallery
@@ -143,7 +173,7 @@ class ValidationItems(Dataset):
         return {
             "kind": QUERY,
             "position": position,
-            "pixels": self.images[query.reference],
+            "image": self.images[query.reference],
             "text": self.split.eval_text(query),
         }
 

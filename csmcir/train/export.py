@@ -40,15 +40,16 @@ def checkpoint_entry(model) -> dict[str, Any]:
 
 
 def model_from_entry(entry: dict[str, Any]):
-    """A random-weight model with a checkpoint's config and tokenizer (its weights load next)."""
-    from csmcir.model import CSMCIR, CSMCIRConfig
-    from csmcir.model.tokenizer import load_tokenizer
+    """A random-weight model with a checkpoint's config and tokenizer (its weights load next).
+
+    The config says which model it is (CSMCIR or the CLIP4Cir baseline).
+    """
+    from csmcir.model.loading import model_from_config
 
     with tempfile.TemporaryDirectory() as folder:
         for name, text in entry["tokenizer_files"].items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
-        tokenizer = load_tokenizer(folder)
-    return CSMCIR(CSMCIRConfig.from_dict(entry["model_config"]), tokenizer)
+        return model_from_config(entry["model_config"], folder)
 
 
 def model_from_checkpoint(path: str | Path):

@@ -110,13 +110,22 @@ class CSMCIRModule(L.LightningModule):
             )
         self.save_hyperparameters(
             {
-                **{k: v for k, v in locals().items() if k not in {"self", "__class__"}},
+                "preset": preset,
                 "init_from": None if init_from is None else str(init_from),
                 "weights": None if weights is None else str(weights),
+                "model_options": model_options,
+                "vocab_size": vocab_size,
+                "lr": lr,
+                "weight_decay": weight_decay,
                 "betas": list(betas),
+                "warmup_steps": warmup_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "temperature": temperature,
+                "learn_temperature": learn_temperature,
                 "temperature_range": list(temperature_range),
                 # a dict, not the dataclass: checkpoints load with weights_only=True
                 "bank": dataclasses.asdict(bank) if isinstance(bank, MemoryBankConfig) else bank,
+                "mask_duplicate_targets": mask_duplicate_targets,
             }
         )
         self.model = None  # built in setup() or from a checkpoint
@@ -138,7 +147,7 @@ class CSMCIRModule(L.LightningModule):
                 datamodule.require_captions()  # before the (possibly slow) model build
             self.model = self._build_model(datamodule)
         self._build_bank()
-        datamodule.attach(self.model.transform.one, self.model.config.target_text == "caption")
+        datamodule.attach(self.model)
 
     def _datamodule(self):
         from csmcir.train.datamodule import CIRDataModule
@@ -190,9 +199,9 @@ class CSMCIRModule(L.LightningModule):
     # -- training -------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        model = self.model
-        queries = model.encode_query(batch["text"], pixel_values=batch["reference_pixels"])
-        targets = model.encode_target(batch["target_caption"], pixel_values=batch["target_pixels"])
+        model, image = self.model, self._datamodule().model_input
+        queries = model.encode_query(batch["text"], **{image: batch["reference_image"]})
+        targets = model.encode_target(batch["target_caption"], **{image: batch["target_image"]})
         all_targets, all_keys, offset = self._gather_targets(targets, batch["target_key"])
         similarities = model.similarity(queries, all_targets)
         labels = offset + torch.arange(queries.shape[0], device=queries.device)
@@ -245,9 +254,10 @@ class CSMCIRModule(L.LightningModule):
             return
         if self._probe is None:
             n = config.probe_size
+            image = self._datamodule().model_input
             self._probe = (
                 list(batch["target_caption"][:n]),
-                {"pixel_values": batch["target_pixels"][:n].detach().clone()},
+                {image: batch["target_image"][:n].detach().clone()},
             )
         texts, inputs = self._probe
         self.model.eval()
@@ -292,19 +302,19 @@ class CSMCIRModule(L.LightningModule):
         self._val_outputs = defaultdict(lambda: {GALLERY: [], QUERY: []})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
-        model = self.model
+        model, image = self.model, self._datamodule().model_input
         kinds, positions = batch["kind"], batch["position"]
         for kind in (GALLERY, QUERY):
             rows = (kinds == kind).nonzero().flatten()
             if len(rows) == 0:
                 continue
-            pixels = batch["pixels"][rows]
+            images = {image: batch["image"][rows]}
             texts = [batch["text"][i] for i in rows.tolist()]
             if kind == GALLERY:
                 captions = None if texts[0] is None else texts
-                embeddings = model.encode_target(captions, pixel_values=pixels)
+                embeddings = model.encode_target(captions, **images)
             else:
-                embeddings = model.encode_query(texts, pixel_values=pixels)
+                embeddings = model.encode_query(texts, **images)
             self._val_outputs[dataloader_idx][kind].append((positions[rows].cpu(), embeddings))
 
     def on_validation_epoch_end(self) -> None:

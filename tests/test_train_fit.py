@@ -1,0 +1,269 @@
+"""``csmcir fit`` end to end on a small synthetic benchmark with the real tiny model and loaders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from csmcir import cli as csmcir_cli
+from csmcir.data.synth import SynthConfig, generate
+from csmcir.model import CSMCIR
+from csmcir.train.cli import run
+from csmcir.train.datamodule import CIRDataModule, caption_command
+from csmcir.train.export import model_from_checkpoint
+from csmcir.train.module import CSMCIRModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "synthcir.yaml"
+BATCH = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core test machine two threads run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthcir(tmp_path_factory) -> Path:
+    """64 training queries (8 steps an epoch at batch 8), 16 validation queries."""
+    root = tmp_path_factory.mktemp("synthcir")
+    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def captions(synthcir: Path) -> Path:
+    """Made by running, word for word, the command the missing-caption error prints."""
+    out = synthcir / "mcot_captions.json"
+    for command in caption_command("synthcir", synthcir, out).split(" && "):
+        assert csmcir_cli.main(shlex.split(command)[1:]) == 0
+    return out
+
+
+def fit_args(root: Path, captions: Path | None, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--data.root",
+        str(root),
+        "--data.captions",
+        str(captions) if captions else "null",
+        "--data.batch_size",
+        str(BATCH),
+        "--data.val_batch_size",
+        "64",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--model.warmup_steps",
+        "2",
+        "--checkpoint_every",
+        "0",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    with (run_dir / "logs" / f"version_{version}" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def series(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+def embed(model: CSMCIR, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in sorted((root / "val").glob("*.png"))[:4]]
+    texts = ["add a red circle", "remove the cross", "make it blue", "move it left"]
+    model.eval()
+    with torch.no_grad():
+        return (
+            model.encode_query(texts, images=images),
+            model.encode_target(texts, images=images),
+        )
+
+
+def test_fit_validates_checkpoints_and_exports(synthcir: Path, captions: Path, tmp_path: Path):
+    cli = run(fit_args(synthcir, captions, tmp_path))
+    for name in ("last.ckpt", "best.ckpt", "model/model.safetensors", "best/config.json"):
+        assert (tmp_path / name).is_file(), name
+    rows = read_metrics(tmp_path)
+    losses = series(rows, "train/loss")
+    assert sorted(losses) == list(range(6)) and all(math.isfinite(v) for v in losses.values())
+    assert set(series(rows, "train/candidates").values()) == {float(BATCH)}
+    scores = series(rows, "val/score")
+    assert len(scores) == 2 and all(0 <= v <= 100 for v in scores.values())
+    for key in ("val/R@1", "val/R@10", "val/R@50", "val/Rsubset@1", "val/Avg"):
+        assert len(series(rows, key)) == 2, key
+    assert all(0.01 <= t <= 0.5 for t in series(rows, "train/temperature").values())
+    # the exported folder gives the trained module's embeddings
+    exported = CSMCIR.from_pretrained(tmp_path / "model")
+    pairs = zip(embed(cli.model.model, synthcir), embed(exported, synthcir), strict=True)
+    for ours, theirs in pairs:
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    record = (tmp_path / "model" / "training.json").read_text()
+    assert '"global_step": 6' in record
+    # best/ holds the weights of best.ckpt, rebuilt from the checkpoint alone
+    best = CSMCIR.from_pretrained(tmp_path / "best")
+    rebuilt = model_from_checkpoint(tmp_path / "best.ckpt")
+    for ours, theirs in zip(embed(rebuilt, synthcir), embed(best, synthcir), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+    # validate from the last checkpoint: same weights, same figures as the end of fit
+    last_score = scores[max(scores)]
+    check = run(
+        [
+            "validate",
+            *fit_args(synthcir, captions, tmp_path / "validate")[1:],
+            "--ckpt_path",
+            str(tmp_path / "last.ckpt"),
+        ]
+    )
+    assert check.trainer.callback_metrics["val/score"].item() == pytest.approx(last_score)
+
+
+def test_resume_mid_epoch_continues_the_same_trajectory(
+    synthcir: Path, captions: Path, tmp_path: Path
+):
+    """12 steps straight vs 6 steps, a checkpoint in the middle of epoch 0, and 6 more."""
+    snapshots = tmp_path / "snapshots"
+    extra = tmp_path / "snapshot.yaml"
+    extra.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        f"      init_args: {{dirpath: {snapshots}, filename: 'snap-{{step}}', "
+        "every_n_train_steps: 6, save_top_k: -1}\n"
+    )
+    longer = ("--trainer.max_steps", "12", "--trainer.val_check_interval", "4")
+    straight = tmp_path / "straight"
+    run(fit_args(synthcir, captions, straight, "--config", str(extra), *longer))
+    snapshot = snapshots / "snap-step=6.ckpt"
+    assert snapshot.is_file()
+    resumed = tmp_path / "resumed"
+    run(fit_args(synthcir, captions, resumed, *longer, "--ckpt_path", str(snapshot)))
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    loss_a, loss_b = series(a, "train/loss"), series(b, "train/loss")
+    assert sorted(loss_b) == list(range(6, 12))
+    for step in range(6, 12):
+        assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6), step
+    lr_a, lr_b = series(a, "lr-AdamW/pg1"), series(b, "lr-AdamW/pg1")
+    assert all(lr_b[s] == pytest.approx(lr_a[s]) for s in lr_b)
+    assert series(b, "val/score")[11] == pytest.approx(series(a, "val/score")[11])
+
+
+def test_missing_captions_give_the_command_that_makes_them(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "no caption file was given" in err
+    assert caption_command("synthcir", synthcir, synthcir / "mcot_captions.json") in err
+
+    partial = tmp_path / "partial.json"
+    kept = dict(list(json.loads(captions.read_text()).items())[:10])
+    partial.write_text(json.dumps(kept))
+    assert csmcir_cli.main(fit_args(synthcir, partial, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "target images have no caption" in err and "csmcir caption run" in err
+
+    assert csmcir_cli.main(fit_args(synthcir, tmp_path / "nope.json", tmp_path)) == 2
+    assert "caption file not found" in capsys.readouterr().err
+
+
+def test_wrong_config_keys_are_named(synthcir: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(fit_args(synthcir, None, tmp_path, "--model.lrr", "1"))
+    assert exit_info.value.code == 2
+    assert "model.lrr" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 4\n")
+    with pytest.raises(SystemExit):
+        run(fit_args(synthcir, None, tmp_path, "--config", str(bad)))
+    assert "does not accept option 'data.batch_sise'" in capsys.readouterr().err
+
+
+class RecordingBank:
+    """A stand-in memory bank: one extra negative per query, recorded calls, one statistic."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def extra_negatives(self, **kwargs):
+        self.calls.append(kwargs)
+        queries = kwargs["queries"]
+        return {
+            "extra_logits": queries @ queries.T.detach(),
+            "extra_mask": ~torch.eye(len(queries), dtype=torch.bool),
+            "stats": {"bank/calls": torch.tensor(float(len(self.calls)))},
+        }
+
+
+def test_the_memory_bank_hook_is_called_every_step(synthcir: Path, captions: Path):
+    L.seed_everything(0)
+    module = CSMCIRModule(warmup_steps=1)
+    module.memory_bank = RecordingBank()
+    data = CIRDataModule("synthcir", synthcir, captions, batch_size=BATCH, cache_images=True)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, data)
+    calls = module.memory_bank.calls
+    assert [c["step"] for c in calls] == [0, 1]
+    assert calls[0]["queries"].shape == calls[0]["targets"].shape == (BATCH, 64)
+    assert calls[0]["in_batch_logits"].shape == (BATCH, BATCH)
+    assert calls[0]["target_keys"].shape == calls[0]["reference_keys"].shape == (BATCH,)
+    assert trainer.callback_metrics["bank/calls"].item() == 2.0
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gather_the_batch(synthcir: Path, captions: Path, tmp_path: Path):
+    """Two CPU ranks (gloo): each query is scored against both ranks' targets."""
+    args = fit_args(synthcir, captions, tmp_path / "run")
+    args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "csmcir", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert set(series(rows, "train/candidates").values()) == {2.0 * BATCH}
+    assert sorted(series(rows, "train/loss")) == [0, 1, 2]
+    assert len(series(rows, "val/score")) == 1
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
