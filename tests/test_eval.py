@@ -65,6 +65,7 @@ def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
     metrics = first["metrics"]["synthcir"]
     assert list(metrics) == CIRR_METRICS
     assert metrics["Avg"] == pytest.approx((metrics["R@5"] + metrics["Rsubset@1"]) / 2)
+    assert first["headline"] == {"name": "Avg", "value": metrics["Avg"]}
     assert first["protocol"]["synthcir"]["exclude_reference"] is True
     assert first["model"]["fingerprint"] == CSMCIR.from_pretrained(model_dir).fingerprint()
     printed = capsys.readouterr().out

@@ -125,6 +125,7 @@ def test_fashioniq_val_all_categories(shared, model_dir, tmp_path, pngs):
         sum(metrics[f"fashioniq-{c}"]["R@10"] for c in ("dress", "shirt", "toptee")) / 3
     )
     assert average["mean"] == pytest.approx((average["R@10"] + average["R@50"]) / 2)
+    assert results["headline"] == {"name": "mean", "value": average["mean"]}
     protocol = results["protocol"]["fashioniq-dress"]
     assert protocol["exclude_reference"] is False and protocol["caption_join"] == "and"
 
@@ -153,6 +154,7 @@ def test_cirr_test1_submission(model_dir, cirr_root, tmp_path):
         check_cirr_file(path, split, metric)
 
 
+@pytest.mark.slow
 def test_circo_val_and_test_submission(model_dir, circo_root, tmp_path):
     results = run_eval(model_dir, tmp_path, "--benchmark", "circo", "--root", str(circo_root))
     summary = results["data"]["splits"]["circo"]

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "protocol": protocol,
         "metrics": metrics,
+        "headline": headline(args.benchmark, metrics),
         "submission": written,
         "options": {
             k: v if v is None or isinstance(v, bool | int) else str(v)
@@ -156,6 +157,13 @@ def run(args: argparse.Namespace) -> dict:
     atomic_write_json(out, results)
     results["written_to"] = str(out)
     return results
+
+
+def headline(benchmark: str, metrics: dict[str, dict[str, float]]) -> dict | None:
+    """The benchmark's lead figure, e.g. CIRR's Avg or FashionIQ's mean of the averages."""
+    name = protocols.HEADLINE.get(benchmark)
+    row = metrics.get("average") or (next(iter(metrics.values())) if len(metrics) == 1 else {})
+    return {"name": name, "value": row[name]} if name in row else None
 
 
 def load_splits(args: argparse.Namespace, split_name: str) -> list[CIRSplit]:
@@ -211,6 +219,8 @@ def format_results(results: dict) -> str:
         for row, values in metrics.items():
             cells = "".join(f"{values[c]:>11.2f}" if c in values else " " * 11 for c in columns)
             lines.append(f"{row:<{width}}{cells}")
+    if results["headline"]:
+        lines.append(f"headline {results['headline']['name']}: {results['headline']['value']:.2f}")
     lines.append("")
     for name, values in results["protocol"].items():
         lines.append(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
