@@ -217,7 +217,7 @@ def main() -> None:
     device_name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU, {args.threads} threads"
+        else f"CPU, {args.threads} thread" + ("s" if args.threads > 1 else "")
     )
     body = (
         "## Memory bank overhead\n\n"
