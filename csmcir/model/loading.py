@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from csmcir.model.encoder import CSMCIR
 
 MODEL_TYPE = "csmcir"
+# The CLIP4Cir baseline (csmcir.baselines) is built, saved and loaded through the same entry
+# points, so training and evaluation need not know which model they hold.
+BASELINE_MODEL_TYPE = "clip4cir"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -83,6 +86,18 @@ def from_preset(
     overrides: dict[str, Any],
 ) -> CSMCIR:
     preset = load_preset(name)
+    if preset.model_type == BASELINE_MODEL_TYPE:
+        from csmcir.baselines.loading import from_preset as baseline_from_preset
+
+        return baseline_from_preset(
+            preset,
+            tokenizer_corpus=tokenizer_corpus,
+            tokenizer=tokenizer,
+            weights=weights,
+            vocab_size=vocab_size,
+            seed=seed,
+            overrides=overrides,
+        )
     if preset.weights is not None:
         return _from_blip2_folder(cls, preset, preset.weights_dir(weights), overrides)
     if tokenizer is None:
@@ -180,7 +195,7 @@ def save_pretrained(model: CSMCIR, folder: str | Path) -> Path:
         atomic_write_json(
             tmp / CONFIG_FILE,
             {
-                "model_type": MODEL_TYPE,
+                "model_type": getattr(model, "model_type", MODEL_TYPE),
                 "format_version": FORMAT_VERSION,
                 "config": model.config.to_dict(),
             },
@@ -203,7 +218,7 @@ def _is_csmcir_folder(folder: Path) -> bool:
         data = read_json(folder / CONFIG_FILE, "model config")
     except DataError:
         return False
-    return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
+    return isinstance(data, dict) and data.get("model_type") in (MODEL_TYPE, BASELINE_MODEL_TYPE)
 
 
 def from_pretrained(cls: type[CSMCIR], folder: str | Path, overrides: dict[str, Any]) -> CSMCIR:
@@ -218,6 +233,10 @@ def from_pretrained(cls: type[CSMCIR], folder: str | Path, overrides: dict[str, 
     data = read_json(folder / CONFIG_FILE, "model config")
     if isinstance(data, dict) and data.get("model_type") == "blip-2":
         return _from_blip2_folder(cls, load_preset("blip2-vitg"), folder, overrides)
+    if isinstance(data, dict) and data.get("model_type") == BASELINE_MODEL_TYPE:
+        from csmcir.baselines.loading import from_pretrained as baseline_from_pretrained
+
+        return baseline_from_pretrained(folder, overrides)
     if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
         raise DataError(f"{folder / CONFIG_FILE} is not a CSMCIR model config")
     if data.get("format_version") != FORMAT_VERSION:
@@ -251,3 +270,17 @@ def from_pretrained(cls: type[CSMCIR], folder: str | Path, overrides: dict[str, 
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return model
+
+
+def model_from_config(config: dict[str, Any], tokenizer_folder: str | Path):
+    """A random-weight model (CSMCIR or baseline) of a saved config, tokenizer from the folder.
+
+    What rebuilds a model from a training checkpoint, whose weights are loaded next.
+    """
+    if isinstance(config, dict) and config.get("model_type") == BASELINE_MODEL_TYPE:
+        from csmcir.baselines.loading import model_from_config as baseline_from_config
+
+        return baseline_from_config(config, tokenizer_folder)
+    from csmcir.model.encoder import CSMCIR
+
+    return CSMCIR(CSMCIRConfig.from_dict(config), load_tokenizer(tokenizer_folder))

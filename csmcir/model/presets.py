@@ -20,7 +20,9 @@ class Preset:
 
     ``tokenizer`` is ``"wordpiece"`` (built from a corpus) or ``"weights"`` (read from the
     weights folder). ``weights`` describes a download: ``repo``, ``variants``, ``default_dir``
-    and ``env`` (the environment variable that overrides the default folder).
+    and ``env`` (the environment variable that overrides the default folder). ``model_type``
+    is ``"csmcir"``, or ``"clip4cir"`` for a baseline preset (``csmcir/baselines/presets``),
+    whose ``config`` is a ``CLIP4CirConfig``.
     """
 
     name: str
@@ -28,6 +30,7 @@ class Preset:
     config: CSMCIRConfig
     tokenizer: str
     weights: dict[str, Any] | None = None
+    model_type: str = "csmcir"
 
     def weights_dir(self, given: str | Path | None = None) -> Path:
         """The folder the weights are read from: the argument, else $env, else the default."""
@@ -39,12 +42,18 @@ class Preset:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    from csmcir.baselines.loading import list_baseline_presets
+
+    return sorted([p.stem for p in PRESET_DIR.glob("*.json")] + list_baseline_presets())
 
 
 def load_preset(name: str) -> Preset:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
+        from csmcir.baselines.loading import list_baseline_presets, load_baseline_preset
+
+        if name in list_baseline_presets():
+            return load_baseline_preset(name)
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
     data = read_json(path, "preset file")
     return Preset(

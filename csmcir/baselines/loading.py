@@ -1,0 +1,233 @@
+"""Building and loading the CLIP4Cir baseline: presets, local OpenCLIP checkpoints, exports.
+
+Presets are JSON files in ``csmcir/baselines/presets/`` and share one namespace with the CSMCIR
+presets (``csmcir.model.presets.load_preset`` finds them too). An exported folder is written by
+``csmcir.model.loading.save_pretrained``: ``config.json`` (``{"model_type": "clip4cir",
+"format_version": 1, "config": {...}}``), ``model.safetensors`` and the tokenizer's file(s).
+Nothing downloads: an OpenCLIP checkpoint is read from a local path, and a missing one is an
+error that says what to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from csmcir.baselines.clip4cir import CLIP4Cir, build_clip
+from csmcir.baselines.config import MODEL_TYPE, CLIP4CirConfig
+from csmcir.baselines.text import OpenCLIPTokenizer, WordPieceTokenizer, load_text_tokenizer
+from csmcir.errors import ConfigError, DataError
+from csmcir.io import read_json
+from csmcir.model.presets import Preset
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# Weight files of an open_clip model folder, in the order open_clip itself prefers them.
+CHECKPOINT_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+# Options that change how a saved model runs or trains, not what its weights mean.
+RUNTIME_OPTIONS = ("precision", "train_image_encoder", "train_text_encoder", "dropout")
+
+
+def list_baseline_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_baseline_preset(name: str) -> Preset:
+    """A baseline preset; a pretrained one gets its architecture from open_clip's own configs."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown baseline preset {name!r}; available: {', '.join(list_baseline_presets())}"
+        )
+    data = read_json(path, "preset file")
+    config = dict(data["config"])
+    if "clip" not in config:
+        config["clip"] = builtin_clip_config(config["clip_model"])
+    config = CLIP4CirConfig.from_dict(config)
+    return Preset(
+        name=name,
+        description=data["description"],
+        config=config,
+        tokenizer=config.tokenizer,
+        weights=data.get("weights"),
+        model_type=MODEL_TYPE,
+    )
+
+
+def builtin_clip_config(name: str) -> dict[str, Any]:
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ConfigError(
+            f"clip_model {name!r} is not an open_clip architecture; pick one of "
+            "open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, RN50x4, ViT-L-14), or pass a "
+            f"folder holding {OPEN_CLIP_CONFIG} as the weights"
+        )
+    return config
+
+
+def from_preset(
+    preset: Preset,
+    *,
+    tokenizer_corpus: Sequence[str] | None,
+    tokenizer: Any,
+    weights: str | Path | None,
+    vocab_size: int,
+    seed: int | None,
+    overrides: dict[str, Any],
+) -> CLIP4Cir:
+    if preset.weights is not None:
+        return _from_openclip_checkpoint(preset, preset.weights_dir(weights), overrides)
+    text = _preset_tokenizer(preset, tokenizer_corpus, tokenizer, vocab_size)
+    text_cfg = {"vocab_size": len(text), "eos_id": text.eos_id, "pad_id": text.pad_id}
+    config = preset.config.replace(clip={"text_cfg": text_cfg}, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return CLIP4Cir(config, text)
+
+
+def _preset_tokenizer(
+    preset: Preset, corpus: Sequence[str] | None, given: Any, vocab_size: int
+) -> WordPieceTokenizer | OpenCLIPTokenizer:
+    if preset.tokenizer == "open_clip":
+        return OpenCLIPTokenizer()
+    if given is not None:
+        return given if isinstance(given, WordPieceTokenizer) else WordPieceTokenizer(given)
+    if corpus is None:
+        raise ConfigError(
+            f"preset {preset.name!r} builds its WordPiece vocabulary from the training texts: "
+            "pass tokenizer_corpus=[modification texts] (or tokenizer=...)"
+        )
+    return WordPieceTokenizer.from_corpus(corpus, vocab_size)
+
+
+def _download_help(preset: Preset, path: Path) -> str:
+    repo, folder = preset.weights["repo"], preset.weights["default_dir"]
+    files = " ".join(preset.weights["files"])
+    return (
+        "Download an OpenCLIP checkpoint once (nothing downloads at run time), e.g.\n"
+        f"  hf download {repo} {files} --local-dir {folder}\n"
+        f"(older huggingface_hub: `huggingface-cli download {repo} {files} --local-dir "
+        f"{folder}`). Then pass that folder as weights=... / --model.weights, or set "
+        f"${preset.weights['env']}; a bare .safetensors/.bin/.pt file works too, with its "
+        "architecture named by the clip_model option (default "
+        f"{preset.config.clip_model}). Looked for: {path}"
+    )
+
+
+def resolve_checkpoint(
+    preset: Preset, path: Path, clip_model: str
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(weights file, open_clip model config, preprocessing config) of a local checkpoint."""
+    if path.is_file():
+        return path, builtin_clip_config(clip_model), {}
+    if not path.is_dir():
+        raise DataError(f"OpenCLIP checkpoint not found: {path}\n{_download_help(preset, path)}")
+    found = [path / name for name in CHECKPOINT_NAMES if (path / name).is_file()]
+    if not found:
+        raise DataError(
+            f"OpenCLIP folder {path} holds no weights (none of {', '.join(CHECKPOINT_NAMES)})\n"
+            f"{_download_help(preset, path)}"
+        )
+    if not (path / OPEN_CLIP_CONFIG).is_file():
+        return found[0], builtin_clip_config(clip_model), {}
+    data = read_json(path / OPEN_CLIP_CONFIG, "open_clip config")
+    if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
+        raise DataError(f"{path / OPEN_CLIP_CONFIG} has no 'model_cfg' object")
+    return found[0], data["model_cfg"], data.get("preprocess_cfg") or {}
+
+
+def _image_options(clip_config: dict[str, Any], preprocess: dict[str, Any]) -> dict[str, Any]:
+    size = clip_config["vision_cfg"].get("image_size", 224)
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise ConfigError(f"non-square CLIP input {size} is not supported")
+        size = size[0]
+    return {"size": size} | {k: preprocess[k] for k in ("mean", "std") if k in preprocess}
+
+
+def _from_openclip_checkpoint(preset: Preset, path: Path, overrides: dict[str, Any]) -> CLIP4Cir:
+    """Wrap a local OpenCLIP checkpoint: CLIP's towers with a fresh combiner."""
+    clip_model = overrides.get("clip_model", preset.config.clip_model)
+    checkpoint, clip_config, preprocess = resolve_checkpoint(preset, path, clip_model)
+    base = preset.config.to_dict() | {"clip": clip_config, "clip_model": clip_model}
+    base["image"] |= _image_options(clip_config, preprocess)
+    config = CLIP4CirConfig.from_dict(base).replace(**overrides)
+    tokenizer = OpenCLIPTokenizer()
+    clip = build_clip(config.clip)
+    try:
+        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise DataError(
+            f"OpenCLIP checkpoint {checkpoint} does not load into the {clip_model} architecture: "
+            f"{str(e).splitlines()[0]}. Name its architecture with the clip_model option, or use "
+            f"a folder holding its {OPEN_CLIP_CONFIG}"
+        ) from None
+    return CLIP4Cir(config, tokenizer, clip=clip)
+
+
+def model_from_config(config: dict[str, Any], tokenizer_folder: str | Path) -> CLIP4Cir:
+    """A random-weight baseline of a saved config, with the tokenizer saved in the folder."""
+    config = CLIP4CirConfig.from_dict(config)
+    return CLIP4Cir(config, load_text_tokenizer(config.tokenizer, tokenizer_folder))
+
+
+def from_pretrained(folder: str | Path, overrides: dict[str, Any]) -> CLIP4Cir:
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise DataError(
+            f"model folder {folder} has no {CONFIG_FILE}: expected an exported baseline "
+            f"({CONFIG_FILE}, {WEIGHTS_FILE}, tokenizer files)"
+        )
+    data = read_json(config_path, "model config")
+    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
+        raise DataError(f"{config_path} is not a {MODEL_TYPE} model config")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{config_path}: format_version {data.get('format_version')!r} is not supported by "
+            f"this csmcir (expects {FORMAT_VERSION})"
+        )
+    unknown = sorted(set(overrides) - set(RUNTIME_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"from_pretrained can change only {', '.join(RUNTIME_OPTIONS)}; "
+            f"got {', '.join(unknown)}"
+        )
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise DataError(f"model folder {folder} is incomplete, missing: {WEIGHTS_FILE}")
+    config = CLIP4CirConfig.from_dict(data.get("config")).replace(**overrides)
+    model = CLIP4Cir(config, load_text_tokenizer(config.tokenizer, folder))
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"unreadable weights {folder / WEIGHTS_FILE}: {e}") from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise DataError(
+            f"{folder / WEIGHTS_FILE} does not match {config_path}: {str(e).splitlines()[-1]}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise DataError(
+            f"{folder / WEIGHTS_FILE} does not match {config_path}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
