@@ -213,6 +213,14 @@ def test_from_pretrained_refuses_bad_folders(tmp_path: Path, model: CLIP4Cir) ->
         CSMCIR.from_pretrained(folder)
 
 
+def test_feature_cache_is_refused_by_name(tmp_path: Path, model: CLIP4Cir) -> None:
+    from csmcir.model.features import extract_features
+
+    with pytest.raises(ConfigError, match="does not read the frozen-ViT feature cache"):
+        extract_features(model, {}, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_fingerprint_follows_the_weights(model: CLIP4Cir) -> None:
     copy = CSMCIR.from_preset("clip4cir-tiny", tokenizer_corpus=CORPUS, seed=0)
     assert copy.fingerprint() == model.fingerprint()

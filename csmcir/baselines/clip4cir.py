@@ -267,5 +267,16 @@ class CLIP4Cir(nn.Module):
         meta = {"config": self.config.to_dict(), "vocab": self.tokenizer.identity()}
         return tensor_fingerprint(MODEL_TYPE, meta, self.state_dict().items())
 
+    def vision_fingerprint(self) -> str:
+        """Refuse the frozen-ViT feature cache, whose shards are laid out for BLIP-2's patch tokens.
+
+        The cache calls this first when it is opened or filled, so a baseline given
+        ``--features`` / ``--data.features`` stops with this message instead of mixing layouts.
+        """
+        raise ConfigError(
+            "the CLIP4Cir baseline does not read the frozen-ViT feature cache (it stores BLIP-2 "
+            "patch features): drop --features / --data.features"
+        )
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
