@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -117,6 +118,23 @@ def test_inputs_as_images_pixels_or_features_agree(model: CLIP4Cir, pixels: torc
         model.encode_query(TEXTS, vision_features=torch.zeros(3, 65, 64))
     with pytest.raises(ValueError, match="2 texts for 3 images"):
         model.encode_query(TEXTS[:2], pixel_values=pixels)
+
+
+def test_gallery_index_ranks_like_the_similarity(tmp_path: Path, model: CLIP4Cir) -> None:
+    from csmcir.retrieval.index import GalleryIndex
+
+    paths = {}
+    for i, image in enumerate(images(3)):
+        paths[f"g{i}"] = tmp_path / f"g{i}.png"
+        image.save(paths[f"g{i}"])
+    index = GalleryIndex.build(model, paths)  # image-only targets: no captions asked for
+    with torch.no_grad():
+        q = model.encode_query(TEXTS, images=images(3))
+        expected = model.similarity(q, model.encode_target(None, images=images(3)))
+    hits = index.search(q, k=3)
+    for row, ranked in enumerate(hits.ids):
+        assert ranked == [f"g{i}" for i in expected[row].argsort(descending=True).tolist()]
+    np.testing.assert_allclose(hits.scores, expected.sort(descending=True).values, atol=1e-5)
 
 
 def test_lambda_lies_strictly_between_zero_and_one(model: CLIP4Cir, pixels: torch.Tensor) -> None:
