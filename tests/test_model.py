@@ -150,13 +150,29 @@ def test_gradients_reach_qformer_not_frozen_vit(pixels: torch.Tensor) -> None:
     q, t = m.encode_query(TEXTS, pixels), m.encode_target(TEXTS[::-1], pixels)
     F.cross_entropy(q @ t.T / 0.07, torch.arange(3)).backward()
     assert all(p.grad is None and not p.requires_grad for p in m.vision_model.parameters())
-    # every Q-Former-side weight but vision_projection (used by image-only targets) learns
-    unused = [n for n, p in m.tower.named_parameters() if p.grad is None]
-    assert unused == ["vision_projection.weight", "vision_projection.bias"]
     assert m.tower.query_tokens.grad.abs().sum() > 0
-    assert m.num_parameters(trainable_only=True) == m.num_parameters() - sum(
-        p.numel() for p in m.vision_model.parameters()
-    )
+    assert all(p.grad is not None for p in m.tower.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in m.vision_model.parameters())
+    frozen += sum(p.numel() for p in m.tower.vision_projection.parameters())  # unused here
+    assert m.num_parameters(trainable_only=True) == m.num_parameters() - frozen
+
+
+@pytest.mark.parametrize("tower", ["shared", "separate"])
+@pytest.mark.parametrize("target_text", ["caption", "none"])
+def test_every_trainable_weight_gets_a_gradient(tower, target_text, pixels) -> None:
+    """DDP requires it: weights no configured pass reads are frozen, the rest all learn."""
+    m = tiny(tower=tower, target_text=target_text).train()
+    q, t = m.encode_query(TEXTS, pixels), m.encode_target(TEXTS[::-1], pixels)
+    F.cross_entropy(m.similarity(q, t) / 0.07, torch.arange(3)).backward()
+    no_grad = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert all(p.grad is None for n, p in m.named_parameters() if n in frozen)
+    if tower == "shared" and target_text == "none":
+        assert frozen == set()  # both passes run on the one tower
+    if tower == "separate" and target_text == "none":
+        assert "target_tower.embeddings.word_embeddings.weight" in frozen
+        assert "target_tower.vision_projection.weight" not in frozen
 
 
 def test_tiny_vit_is_trainable(pixels: torch.Tensor) -> None:
@@ -248,7 +264,9 @@ def test_blip2_preset_loads_a_local_blip2_folder(tmp_path, pixels: torch.Tensor)
     tokenizer = build_wordpiece_tokenizer(CORPUS, vocab_size=200)
     tokenizer.save_pretrained(str(tmp_path / "blip"))
 
-    m = CSMCIR.from_preset("blip2-vitg", weights=tmp_path / "blip").eval()
+    m = CSMCIR.from_preset("blip2-vitg", weights=tmp_path / "blip", image={"pad_ratio": 1.5})
+    m.eval()
+    assert m.config.image.pad_ratio == 1.5  # overrides merge with what the folder gives
     assert m.config.preset == "blip2-vitg" and m.config.freeze_vision
     assert m.config.vision["hidden_size"] == 64 and m.config.num_query_tokens == 8
     assert m.config.image.mode == "target_pad" and m.config.image.size == 64
@@ -317,3 +335,4 @@ def test_fingerprints_follow_the_weights(model: CSMCIR) -> None:
         m.vision_model.post_layernorm.bias.data[0] += 1
     assert m.vision_fingerprint() != vision
     assert tiny(image={"size": 48}).vision_fingerprint() != model.vision_fingerprint()
+    assert tiny(qformer={"num_hidden_layers": 1}).config.qformer["vocab_size"] == len(m.tokenizer)

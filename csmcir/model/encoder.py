@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from csmcir.errors import ConfigError
 from csmcir.model.config import CSMCIRConfig
@@ -74,6 +75,20 @@ class QFormerTower(nn.Module):
         ).last_hidden_state
         return F.normalize(self.text_projection(hidden[:, n]).float(), dim=-1)
 
+    def unused_parameters(self, fused: bool, image_only: bool) -> list[nn.Parameter]:
+        """Weights that none of the passes this tower runs will read.
+
+        The fused pass never reads ``vision_projection``; the image-only pass never reads the
+        text embeddings, the text feed-forward layers or ``text_projection``. They are frozen
+        so that every trainable weight gets a gradient, which DDP requires.
+        """
+        unused = [] if image_only else [*self.vision_projection.parameters()]
+        if not fused:
+            unused += [*self.embeddings.parameters(), *self.text_projection.parameters()]
+            for layer in self.qformer.encoder.layer:
+                unused += [*layer.intermediate.parameters(), *layer.output.parameters()]
+        return unused
+
     def image_only(self, vision: torch.Tensor) -> torch.Tensor:
         """[B, n_queries, D]: every query token's projected output, BLIP-2's image embedding."""
         queries = self.query_tokens.expand(vision.shape[0], -1, -1)
@@ -90,6 +105,12 @@ class CSMCIR(nn.Module):
     exported folder with :meth:`from_pretrained`; ``CSMCIR(config, tokenizer)`` gives random
     weights of any architecture.
     """
+
+    @classmethod
+    def skeleton(cls, config: CSMCIRConfig, tokenizer: PreTrainedTokenizerBase) -> CSMCIR:
+        """A model whose weights will be loaded next: no random init (ViT-g's takes ~40 s)."""
+        with no_init_weights():
+            return cls(config, tokenizer)
 
     def __init__(
         self,
@@ -115,6 +136,16 @@ class CSMCIR(nn.Module):
         self.vision_model = blip.vision_model
         self.tower = QFormerTower(blip)
         self.target_tower = copy.deepcopy(self.tower) if config.tower == "separate" else None
+        image_targets = config.target_text == "none"
+        if self.target_tower is None:
+            unused = self.tower.unused_parameters(fused=True, image_only=image_targets)
+        else:
+            unused = self.tower.unused_parameters(fused=True, image_only=False)
+            unused += self.target_tower.unused_parameters(
+                fused=not image_targets, image_only=image_targets
+            )
+        for param in unused:
+            param.requires_grad_(False)
         if config.freeze_vision:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()

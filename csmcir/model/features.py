@@ -125,6 +125,8 @@ class FeatureCache:
                 f"feature cache {self.folder} has no features for {len(missing)} image(s): "
                 f"{shown}; extract that split with: " + EXTRACT_HINT.format(folder=self.folder)
             )
+        if not image_ids:
+            return torch.empty(0, *self.feature_shape, dtype=dtype)
         rows = [self._rows[i] for i in image_ids]
         out = np.stack([self._array(shard)[row] for shard, row in rows])
         return torch.from_numpy(out).to(dtype)

@@ -18,7 +18,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
 
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, read_json
@@ -108,7 +107,7 @@ def from_preset(
             )
         tokenizer = build_wordpiece_tokenizer(tokenizer_corpus, vocab_size)
     check_tokenizer(tokenizer, "the given tokenizer")
-    config = preset.config.replace(qformer={"vocab_size": len(tokenizer)}, **overrides)
+    config = preset.config.replace(qformer={"vocab_size": len(tokenizer)}).replace(**overrides)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
@@ -165,8 +164,7 @@ def _from_blip2_folder(
         embed_dim=blip.config.image_text_hidden_size,
         image={"size": vision["image_size"]},
         max_text_length=min(preset.config.max_text_length, qformer["max_position_embeddings"]),
-        **overrides,
-    )
+    ).replace(**overrides)
     tokenizer = load_tokenizer(folder)
     return cls(config, tokenizer, blip=blip)
 
@@ -261,8 +259,7 @@ def from_pretrained(cls: type[CSMCIR], folder: str | Path, overrides: dict[str, 
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise DataError(f"unreadable weights {folder / WEIGHTS_FILE}: {e}") from None
-    with no_init_weights():
-        model = cls(config, tokenizer)
+    model = cls.skeleton(config, tokenizer)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise DataError(
