@@ -1,0 +1,91 @@
+"""``csmcir ablate``: train and evaluate a grid of variants over seeds, then write the table.
+
+csmcir ablate --config configs/ablation/synthcir.yaml --seeds 0 1 2
+csmcir ablate --config configs/ablation/synthcir.yaml --variants full no-bank --dry-run
+
+Writes under --out (default: the config's ``out``, else runs/ablation/<config name>):
+``ablation.md`` and ``ablation.json`` (the table), ``cells/<variant>/seed<N>/`` (each run's
+log.txt, result.json, run folder and eval.json) and ``captions/`` (caption files it built).
+A rerun skips cells that finished with the same commands; --force reruns them. The exit status is
+1 when any cell failed (the table still lists it, with its error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+from importlib.metadata import version
+from pathlib import Path
+
+from csmcir.ablation.config import load_config
+from csmcir.ablation.runner import Grid
+from csmcir.ablation.table import markdown, summarise
+from csmcir.errors import ConfigError
+from csmcir.io import atomic_write_json, atomic_write_text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablation/)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
+    p.add_argument("--variants", nargs="+", help="run only these (and what they start from)")
+    p.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print each run's commands and stop")
+    p.add_argument("--timeout", type=float, help="seconds after which one command is killed")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="csmcir ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    seeds = list(dict.fromkeys(args.seeds or config.seeds))
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    out = args.out or config.out or Path("runs") / "ablation" / args.config.stem
+    grid = Grid(config, out, seeds, args.variants, force=args.force, timeout=args.timeout)
+    grid.check_inputs()
+    if args.dry_run:
+        for cell, fit, evaluate in grid.plan():
+            print(f"# {cell.key} ({cell.variant.regime()})")
+            print(shlex.join(fit))
+            print(shlex.join(evaluate))
+        return 0
+    records = grid.run_all()
+    table = summarise(config, grid.variants, seeds, records)
+    command = shlex.join(["csmcir", "ablate", *argv])
+    machine = describe_machine()
+    table = {"command": command, "machine": machine, **table}
+    atomic_write_json(out / "ablation.json", table)
+    text = markdown(table, command, machine)
+    atomic_write_text(out / "ablation.md", text)
+    print()
+    print(text)
+    failed = [r for r in records if r["status"] != "ok"]
+    print(f"table: {out / 'ablation.md'} and {out / 'ablation.json'}")
+    if failed:
+        print(f"{len(failed)} of {len(records)} runs failed; their errors are in the notes column")
+        return 1
+    return 0
+
+
+def describe_machine() -> str:
+    """What the timings were measured on: OS, CPU model and count, Python, torch."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{platform.system()} {platform.machine()}, {cpu}, {threads} CPU threads, "
+        f"Python {platform.python_version()}, torch {version('torch')}"
+    )

@@ -1,0 +1,419 @@
+"""Run the grid: for each (seed, variant) cell, train with ``csmcir fit`` and score the result with
+``csmcir eval``, each in a subprocess with its log kept, so a crash in one run cannot take the grid
+down. Each cell's outcome is one ``result.json`` written atomically at its end: a rerun skips the
+cells that finished with the same commands, and a killed cell simply runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from csmcir.ablation.config import BUDGET_KEYS, AblationConfig, CaptionSpec, Variant, flatten
+from csmcir.errors import ConfigError
+from csmcir.io import atomic_write_json, read_json
+
+LOG_TAIL = 20  # log lines kept in a failed cell's record
+RESULT = "result.json"
+
+
+def flag_value(value: Any) -> str:
+    """A YAML value as one command-line token jsonargparse reads back to the same value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
+    """The last non-empty lines of a log, progress-bar redraws (carriage returns) collapsed."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+    return [line for line in kept if line.strip()][-lines:]
+
+
+def run_logged(argv: list[str], log: Path, timeout: float | None = None) -> tuple[int, float]:
+    """Run ``argv`` with stdout and stderr appended to ``log``; (exit status, seconds)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(argv)}\n")
+        f.flush()
+        try:
+            code = subprocess.run(
+                argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\nkilled by the ablation runner after --timeout {timeout:g} s\n")
+            code = -9
+    return code, time.perf_counter() - start
+
+
+def csmcir_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "csmcir", *args]
+
+
+@dataclass
+class Cell:
+    variant: Variant
+    seed: int
+    folder: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant.name}/seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "log.txt"
+
+
+class Grid:
+    """One ablation config's cells under ``out``, run in dependency order."""
+
+    def __init__(
+        self,
+        config: AblationConfig,
+        out: Path,
+        seeds: list[int],
+        variants: list[str] | None = None,
+        *,
+        force: bool = False,
+        timeout: float | None = None,
+        run: Callable[[list[str], Path, float | None], tuple[int, float]] = run_logged,
+    ) -> None:
+        self.config = config
+        self.out = out
+        self.seeds = seeds
+        self.variants = config.run_order(variants)
+        self.force = force
+        self.timeout = timeout
+        self.run = run
+        self.root = config.root.resolve()
+        self._captions: dict[str, Path | str] = {}  # name -> file, or the error that stopped it
+
+    def check_inputs(self) -> None:
+        """Stop before any run when the data or a fit config is missing: every cell needs them."""
+        if not self.root.is_dir():
+            hint = (
+                " (make it with: csmcir data synth --out ROOT)"
+                if self.config.benchmark == "synthcir"
+                else ""
+            )
+            raise ConfigError(f"{self.config.path}: root {self.root} is not a folder{hint}")
+        for v in self.variants:
+            fit_config = v.fit_config or self.config.fit_config
+            if not fit_config.is_file():
+                raise ConfigError(
+                    f"{self.config.path}: fit config of {v.name} not found: {fit_config}"
+                )
+
+    def cells(self) -> list[Cell]:
+        """Seeds outermost: after the first seed the table already holds every row."""
+        return [Cell(v, s, self.cell_folder(v.name, s)) for s in self.seeds for v in self.variants]
+
+    # -- commands -------------------------------------------------------------------------
+
+    def weights_dir(self, cell: Cell) -> Path:
+        return cell.run_dir / self.config.eval.weights
+
+    def fit_argv(self, cell: Cell, captions: Path | None, init_from: Path | None) -> list[str]:
+        config, v = self.config, cell.variant
+        fit_config = (v.fit_config or config.fit_config).resolve()
+        flags: dict[str, Any] = {
+            "data.benchmark": config.benchmark,
+            "data.root": str(self.root),
+            **config.budget,
+            **config.overrides,
+            **v.overrides,
+            "data.captions": str(captions) if captions else None,
+            "trainer.default_root_dir": str(cell.run_dir.resolve()),
+            "seed_everything": cell.seed,
+        }
+        if init_from is not None:
+            flags["model.init_from"] = str(init_from.resolve())
+        argv = csmcir_argv("fit", "--config", str(fit_config))
+        for key, value in flags.items():
+            argv += [f"--{key}", flag_value(value)]
+        return argv
+
+    def eval_argv(self, cell: Cell, captions: Path | None) -> list[str]:
+        config = self.config
+        argv = csmcir_argv(
+            "eval",
+            "--model",
+            str(self.weights_dir(cell).resolve()),
+            "--benchmark",
+            config.benchmark,
+            "--root",
+            str(self.root),
+            "--split",
+            config.eval.split,
+            "--out",
+            str((cell.folder / "eval.json").resolve()),
+            "--no-cache",
+        )
+        if captions is not None:
+            argv += ["--captions", str(captions)]
+        return argv + list(config.eval.args)
+
+    def caption_argvs(self, spec: CaptionSpec, out: Path) -> list[list[str]]:
+        shards = out.with_suffix("")
+        oracle = spec.oracle or {}
+        run = [
+            "caption",
+            "run",
+            "--benchmark",
+            self.config.benchmark,
+            "--root",
+            str(self.root),
+            "--split",
+            "all",
+            "--backend",
+            "oracle",
+            "--out",
+            str(shards),
+            "--no-progress",
+        ]
+        if "style" in oracle:
+            run += ["--style", str(oracle["style"])]
+        if "levels" in oracle:
+            levels = oracle["levels"]
+            run += ["--levels", ",".join(levels) if isinstance(levels, list) else str(levels)]
+        for key in ("noise", "seed", "max_words"):
+            if key in oracle:
+                run += [f"--{key.replace('_', '-')}", str(oracle[key])]
+        merge = ["caption", "merge", str(shards), "--out", str(out)]
+        return [csmcir_argv(*run), csmcir_argv(*merge)]
+
+    # -- prerequisites --------------------------------------------------------------------
+
+    def caption_file(self, name: str | None) -> Path | None:
+        """The variant's caption file, built on first need; raises CellError if it cannot be."""
+        if name is None:
+            return None
+        if name not in self._captions:
+            self._captions[name] = self._build_captions(self.config.captions[name])
+        made = self._captions[name]
+        if isinstance(made, str):
+            raise CellError("captions", made)
+        return made
+
+    def caption_path(self, name: str | None) -> Path | None:
+        """Where the caption file named ``name`` is, or will be once built."""
+        if name is None:
+            return None
+        spec = self.config.captions[name]
+        if spec.file is not None:
+            return spec.file.resolve()
+        digest = spec.digest(self.config.benchmark, self.root)
+        return (self.out / "captions" / f"{spec.name}-{digest}.json").resolve()
+
+    def _build_captions(self, spec: CaptionSpec) -> Path | str:
+        out = self.caption_path(spec.name)
+        if spec.file is not None:
+            return out if out.is_file() else f"caption file {spec.name!r} not found: {out}"
+        if out.is_file():
+            return out
+        log = out.with_suffix(".log")
+        for argv in self.caption_argvs(spec, out):
+            code, _ = self.run(argv, log, self.timeout)
+            if code != 0:
+                last = (log_tail(log, 1) or [f"exit status {code}"])[-1]
+                return f"building captions {spec.name!r} failed: {last} ({log})"
+        return out
+
+    def starting_weights(self, cell: Cell) -> tuple[Path | None, str | None]:
+        """The weights a fine-tuning cell starts from and their fingerprint."""
+        parent = self.parent(cell)
+        if parent is None:
+            return None, None
+        record = self.read_result(parent.folder)
+        if record is None or record["status"] != "ok":
+            raise CellError("init_from", f"its starting run {parent.key} failed")
+        return Path(record["weights"]), record["fingerprint"]
+
+    def parent(self, cell: Cell) -> Cell | None:
+        """The cell whose trained weights this one starts from (same seed), if any."""
+        name = cell.variant.init_from
+        if name is None:
+            return None
+        return Cell(self.config.variant(name), cell.seed, self.cell_folder(name, cell.seed))
+
+    def cell_folder(self, variant: str, seed: int) -> Path:
+        return self.out / "cells" / variant / f"seed{seed}"
+
+    def plan(self) -> list[tuple[Cell, list[str], list[str]]]:
+        """Each cell's fit and eval commands, without running anything (``--dry-run``)."""
+        planned = []
+        for cell in self.cells():
+            captions = self.caption_path(cell.variant.captions)
+            parent = self.parent(cell)
+            init_from = self.weights_dir(parent) if parent else None
+            planned.append(
+                (cell, self.fit_argv(cell, captions, init_from), self.eval_argv(cell, captions))
+            )
+        return planned
+
+    # -- cells ----------------------------------------------------------------------------
+
+    @staticmethod
+    def read_result(folder: Path) -> dict[str, Any] | None:
+        path = folder / RESULT
+        return read_json(path, "ablation cell result") if path.is_file() else None
+
+    def run_cell(self, cell: Cell) -> tuple[dict[str, Any], bool]:
+        """The cell's record and whether it ran now (False: a finished result was reused)."""
+        try:
+            captions = self.caption_file(cell.variant.captions)
+            init_from, init_fingerprint = self.starting_weights(cell)
+        except CellError as failure:
+            record = self._record(cell, "failed", {}, stage=failure.stage, error=[failure.error])
+            atomic_write_json(cell.folder / RESULT, record)
+            return record, True
+        fit, evaluate = self.fit_argv(cell, captions, init_from), self.eval_argv(cell, captions)
+        spec = spec_digest(fit, evaluate, captions, init_fingerprint)
+        previous = self.read_result(cell.folder)
+        if (
+            not self.force
+            and previous is not None
+            and previous["status"] == "ok"
+            and previous["spec"] == spec
+        ):
+            return previous, False
+        if cell.folder.exists():
+            shutil.rmtree(cell.folder)  # a stale or failed run: start clean
+        cell.folder.mkdir(parents=True)
+        record = self._train_and_evaluate(cell, fit, evaluate)
+        record["spec"] = spec
+        atomic_write_json(cell.folder / RESULT, record)
+        return record, True
+
+    def _train_and_evaluate(self, cell: Cell, fit: list[str], evaluate: list[str]):
+        times: dict[str, float] = {}
+        code, times["train_s"] = self.run(fit, cell.log, self.timeout)
+        if code != 0:
+            return self._record(cell, "failed", times, stage="train", error=log_tail(cell.log))
+        try:
+            budget, steps = self._check_run(cell)
+        except CellError as failure:
+            return self._record(cell, "failed", times, stage=failure.stage, error=[failure.error])
+        code, times["eval_s"] = self.run(evaluate, cell.log, self.timeout)
+        if code != 0:
+            return self._record(cell, "failed", times, stage="eval", error=log_tail(cell.log))
+        results = read_json(cell.folder / "eval.json", "evaluation results")
+        try:
+            metrics = pick_metrics(results["metrics"], self.config.eval.metrics)
+        except CellError as failure:
+            return self._record(cell, "failed", times, stage="eval", error=[failure.error])
+        if not self.config.keep_checkpoints:
+            for ckpt in cell.run_dir.glob("*.ckpt"):
+                ckpt.unlink()
+        return self._record(
+            cell,
+            "ok",
+            times,
+            metrics=metrics,
+            weights=str(self.weights_dir(cell).resolve()),
+            fingerprint=results["model"]["fingerprint"],
+            budget=budget,
+            steps=steps,
+        )
+
+    def _check_run(self, cell: Cell) -> tuple[dict[str, Any], int]:
+        """The budget the run really had (its saved config) and the steps it really took."""
+        saved = sorted(cell.run_dir.glob("logs/version_*/config.yaml"))
+        if not saved or not (self.weights_dir(cell) / "training.json").is_file():
+            raise CellError("train", f"fit ended without a config or {self.weights_dir(cell)}")
+        effective = flatten(yaml.safe_load(saved[-1].read_text(encoding="utf-8")))
+        budget = {k: effective.get(k) for k in BUDGET_KEYS if k in effective}
+        record = read_json(cell.run_dir / "model" / "training.json", "training record")
+        steps, wanted = record["global_step"], budget.get("trainer.max_steps")
+        if steps != wanted:
+            raise CellError(
+                "train", f"training stopped at step {steps} of {wanted}: not the equal budget"
+            )
+        return budget, steps
+
+    def _record(self, cell: Cell, status: str, times: dict[str, float], **fields) -> dict:
+        return {
+            "variant": cell.variant.name,
+            "seed": cell.seed,
+            "status": status,
+            "regime": cell.variant.regime(),
+            **{k: round(v, 1) for k, v in times.items()},
+            **fields,
+            "log": str(cell.log),
+        }
+
+    def run_all(self) -> list[dict[str, Any]]:
+        """Every cell, with a progress bar; a failed cell is recorded and the grid goes on."""
+        records = []
+        cells = self.cells()
+        bar = tqdm(cells, desc="ablation", unit="run")
+        for cell in bar:
+            bar.set_postfix_str(cell.key)
+            record, ran = self.run_cell(cell)
+            records.append(record)
+            if not ran:
+                outcome = "done earlier, skipped"
+            elif record["status"] == "ok":
+                outcome = f"ok in {record.get('train_s', 0) + record.get('eval_s', 0):.0f} s"
+            else:
+                error = (record["error"] or [""])[-1]
+                outcome = f"FAILED ({record['stage']}): {error}"
+            bar.write(f"{cell.key}: {outcome}")
+        return records
+
+
+class CellError(Exception):
+    """Why one cell could not produce metrics; recorded in its result, never raised to the CLI."""
+
+    def __init__(self, stage: str, error: str) -> None:
+        super().__init__(error)
+        self.stage = stage
+        self.error = error
+
+
+def pick_metrics(metrics: dict[str, dict[str, float]], wanted: tuple[str, ...]) -> dict:
+    """The row of metrics the table shows: FashionIQ's average over categories, else the one
+    split's; ``wanted`` (empty: all) in that order."""
+    row = metrics.get("average") or (next(iter(metrics.values())) if len(metrics) == 1 else None)
+    if row is None:
+        raise CellError("eval", f"cannot tell which metrics row to report: {', '.join(metrics)}")
+    missing = [m for m in wanted if m not in row]
+    if missing:
+        raise CellError(
+            "eval", f"evaluation gave no {', '.join(missing)} (it gave {', '.join(row)})"
+        )
+    return {m: row[m] for m in wanted or row}
+
+
+def spec_digest(
+    fit: list[str], evaluate: list[str], captions: Path | None, init_fingerprint: str | None
+) -> str:
+    """What decides a cell's outcome: both commands, the captions' content and the weights it
+    starts from."""
+    content = hashlib.sha256(captions.read_bytes()).hexdigest() if captions else None
+    blob = json.dumps([fit[1:], evaluate[1:], content, init_fingerprint])  # not sys.executable
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,151 @@
+"""The ablation table: per variant, mean and spread over seeds, failures named; JSON and markdown.
+
+Every variant run appears as a row, even when all of its seeds failed: a missing row would read as
+a result. The spread is the sample standard deviation over the seeds that finished (none for one).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from csmcir.ablation.config import AblationConfig, Variant
+
+FAILED = "failed"
+
+
+def summarise(
+    config: AblationConfig, variants: list[Variant], seeds: list[int], records: list[dict]
+) -> dict[str, Any]:
+    """The table as data: one row per variant, in run order, plus the cells it was made from."""
+    by_cell = {(r["variant"], r["seed"]): r for r in records}
+    metrics = list(config.eval.metrics) or _metric_names(records)
+    reference = _reference_budget(variants, records)
+    rows = []
+    for v in variants:
+        cells = [by_cell[(v.name, s)] for s in seeds if (v.name, s) in by_cell]
+        ok = [c for c in cells if c["status"] == "ok"]
+        failed = {
+            str(c["seed"]): {"stage": c.get("stage"), "error": (c.get("error") or [""])[-1]}
+            for c in cells
+            if c["status"] != "ok"
+        }
+        rows.append(
+            {
+                "variant": v.name,
+                "label": v.label,
+                "regime": v.regime(),
+                "status": "ok" if not failed else ("partial" if ok else FAILED),
+                "seeds_ok": [c["seed"] for c in ok],
+                "seeds_failed": failed,
+                "metrics": {
+                    m: _spread({c["seed"]: c["metrics"].get(m) for c in ok}) for m in metrics
+                },
+                "train_s_mean": _mean([c["train_s"] for c in ok]),
+                "budget_changes": {k: ok[0]["budget"].get(k) for k in v.changes_budget}
+                if ok
+                else {},
+                "unequal_budget": _unequal(v, ok, reference),
+            }
+        )
+    return {
+        "benchmark": config.benchmark,
+        "config": str(config.path),
+        "eval": {"split": config.eval.split, "weights": config.eval.weights},
+        "budget": config.budget,
+        "seeds": seeds,
+        "metrics": metrics,
+        "rows": rows,
+        "cells": records,
+    }
+
+
+def _metric_names(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(m for r in records if r["status"] == "ok" for m in r["metrics"]))
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 1) if values else None
+
+
+def _spread(per_seed: dict[int, float | None]) -> dict[str, Any]:
+    present = [v for v in per_seed.values() if v is not None]
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "std": statistics.stdev(present) if len(present) > 1 else None,
+        "values": {str(seed): v for seed, v in per_seed.items()},
+    }
+
+
+def _reference_budget(variants: list[Variant], records: list[dict]) -> dict[str, Any] | None:
+    """The effective budget of the first finished run of a row that keeps the equal budget."""
+    equal = {v.name for v in variants if not v.changes_budget}
+    for r in records:
+        if r["status"] == "ok" and r["variant"] in equal:
+            return r["budget"]
+    return None
+
+
+def _unequal(v: Variant, ok: list[dict], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Budget keys a row's runs really had that differ from the grid's, where it did not say so:
+    the runner's checks before training make this empty unless something slipped past them."""
+    if reference is None:
+        return {}
+    differ: dict[str, Any] = {}
+    for cell in ok:
+        for key, value in cell["budget"].items():
+            if key not in v.changes_budget and reference.get(key) != value:
+                differ[key] = value
+    return differ
+
+
+def fmt(spread: dict[str, Any]) -> str:
+    if spread["mean"] is None:
+        return FAILED
+    if spread["std"] is None:
+        return f"{spread['mean']:.1f}"
+    return f"{spread['mean']:.1f} ± {spread['std']:.1f}"
+
+
+def cell_text(text: str) -> str:
+    """Text that cannot break a markdown table row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def markdown(table: dict[str, Any], command: str, machine: str) -> str:
+    seeds = ", ".join(map(str, table["seeds"]))
+    budget = ", ".join(f"{k}={v}" for k, v in table["budget"].items())
+    weights = {"model": "final weights", "best": "best-validation weights"}[
+        table["eval"]["weights"]
+    ]
+    lines = [
+        f"Ablation on {table['benchmark']}, {table['eval']['split']} split, {weights}. "
+        f"Mean ± sample std over seeds {seeds} (one value: one seed finished).",
+        f"Every row trains with {budget} unless its notes say otherwise.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}",
+        "",
+    ]
+    header = ["variant", "what", "regime", "seeds ok", *table["metrics"], "train s", "notes"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        tried = len(row["seeds_ok"]) + len(row["seeds_failed"])
+        notes = [
+            f"seed {seed} failed ({f['stage']}): {f['error']}"
+            for seed, f in row["seeds_failed"].items()
+        ]
+        notes += [f"budget changed: {k}={v}" for k, v in row["budget_changes"].items()]
+        notes += [f"UNEQUAL BUDGET: {k}={v}" for k, v in row["unequal_budget"].items()]
+        cells = [
+            row["variant"],
+            row["label"],
+            row["regime"],
+            f"{len(row['seeds_ok'])}/{tried}",
+            *(fmt(row["metrics"][m]) for m in table["metrics"]),
+            "" if row["train_s_mean"] is None else f"{row['train_s_mean']:.0f}",
+            "; ".join(notes),
+        ]
+        lines.append("| " + " | ".join(cell_text(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

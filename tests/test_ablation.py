@@ -1,0 +1,480 @@
+"""``csmcir ablate``: config checks, the table's arithmetic, the runner's resume and failure rules
+(with a stand-in for the subprocesses), and one real few-step grid end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from csmcir import cli as csmcir_cli
+from csmcir.ablation.config import AblationConfig, load_config
+from csmcir.ablation.runner import Grid, flag_value, log_tail
+from csmcir.ablation.table import markdown, summarise
+from csmcir.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def fit_yaml(tmp_path: Path) -> Path:
+    return write_yaml(
+        tmp_path / "fit.yaml",
+        {"trainer": {"max_steps": 100, "accumulate_grad_batches": 1}, "data": {"batch_size": 4}},
+    )
+
+
+def base_config(fit_yaml: Path, variants: list[dict], **extra) -> dict:
+    return {
+        "benchmark": "synthcir",
+        "root": str(fit_yaml.parent / "data"),
+        "fit_config": str(fit_yaml),
+        "budget": {"trainer.max_steps": 5, "data.batch_size": 2},
+        "captions": {
+            "mcot": {"oracle": {"style": "mcot"}},
+            "plain": {"oracle": {"style": "plain"}},
+        },
+        "eval": {"split": "test", "metrics": ["R@1", "Avg"]},
+        "variants": variants,
+        **extra,
+    }
+
+
+def load(tmp_path: Path, config: dict) -> AblationConfig:
+    return load_config(write_yaml(tmp_path / "ablation.yaml", config))
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_extends_merges_overrides_and_init_from_orders_the_runs(tmp_path, fit_yaml):
+    config = load(
+        tmp_path,
+        base_config(
+            fit_yaml,
+            [
+                {"name": "ft", "extends": "full", "init_from": "base", "label": "fine-tuned"},
+                {
+                    "name": "full",
+                    "label": "everything",
+                    "captions": "mcot",
+                    "overrides": {"model.bank": {"enabled": True, "size": 64}},
+                },
+                {
+                    "name": "base",
+                    "extends": "full",
+                    "overrides": {"model.bank": {"enabled": False}},
+                },
+                {"name": "other", "captions": "plain", "overrides": {"--model.lr": 0.1}},
+            ],
+        ),
+    )
+    base = config.variant("base")
+    assert base.overrides == {"model.bank": {"enabled": False, "size": 64}}
+    assert base.captions == "mcot" and base.label == "" and base.regime() == "from scratch"
+    ft = config.variant("ft")
+    assert ft.overrides == {"model.bank": {"enabled": True, "size": 64}}
+    assert ft.regime() == "fine-tuned from base"
+    assert config.variant("other").overrides == {"model.lr": 0.1}  # a leading -- is allowed
+    assert [v.name for v in config.run_order()] == ["full", "base", "ft", "other"]
+    # asking for the fine-tuned row alone also runs what it starts from
+    assert [v.name for v in config.run_order(["ft"])] == ["base", "ft"]
+    with pytest.raises(ConfigError, match="--variants: no variant named nope"):
+        config.run_order(["nope"])
+
+
+@pytest.mark.parametrize(
+    ("variants", "extra", "message"),
+    [
+        (
+            [{"name": "a", "overrides": {"trainer.max_steps": 9}}],
+            {},
+            r"variants\.a\.overrides\.trainer\.max_steps changes the equal budget",
+        ),
+        (
+            [{"name": "a", "overrides": {"data.captions": "x.json"}}],
+            {},
+            r"data\.captions is set by the runner; use captions",
+        ),
+        ([{"name": "a", "init_from": "b"}], {}, r"variants\.a\.init_from: no variant named 'b'"),
+        (
+            [{"name": "a", "init_from": "b"}, {"name": "b", "init_from": "a"}],
+            {},
+            r"init_from: a cycle",
+        ),
+        ([{"name": "a", "extends": "a"}], {}, r"extends: a cycle \(a -> a\)"),
+        ([{"name": "a", "captions": "nope"}], {}, r"a\.captions: no caption file named 'nope'"),
+        (
+            [{"name": "a", "overrides": {"model.bank": {}, "model.bank.size": 3}}],
+            {},
+            r"model\.bank and model\.bank\.size set the same setting twice",
+        ),
+        ([{"name": "a"}, {"name": "a"}], {}, r"a second variant named 'a'"),
+        (
+            [{"name": "a"}],
+            {"budget": {"data.batch_size": 2}},
+            r"budget must set trainer\.max_steps",
+        ),
+        (
+            [{"name": "a"}],
+            {"overrides": {"trainer.accumulate_grad_batches": 2}},
+            r"overrides\.trainer\.accumulate_grad_batches changes the budget key",
+        ),
+        ([{"name": "a", "tower": "x"}], {}, r"variants\.a\.tower: unknown key"),
+        ([{"name": "a"}], {"eval": {"split": "test", "weights": "last"}}, r"eval\.weights must"),
+    ],
+)
+def test_bad_configs_name_the_key_at_fault(tmp_path, fit_yaml, variants, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, base_config(fit_yaml, variants, **extra))
+
+
+def test_a_fit_config_with_another_budget_is_refused_unless_declared(tmp_path, fit_yaml):
+    other = write_yaml(
+        tmp_path / "other.yaml",
+        {"trainer": {"max_steps": 100, "accumulate_grad_batches": 4}, "data": {"batch_size": 4}},
+    )
+    row = {"name": "b", "fit_config": str(other)}
+    with pytest.raises(ConfigError, match=r"sets trainer\.accumulate_grad_batches to 4"):
+        load(tmp_path, base_config(fit_yaml, [row]))
+    declared = {**row, "changes_budget": ["trainer.accumulate_grad_batches"]}
+    assert load(tmp_path, base_config(fit_yaml, [declared])).variant("b").changes_budget
+    # a key the budget pins is the same for every row whatever the fit config says
+    pinned = base_config(fit_yaml, [row])
+    pinned["budget"]["trainer.accumulate_grad_batches"] = 1
+    assert load(tmp_path, pinned).variant("b").fit_config == other
+
+
+def test_the_shipped_configs_load_and_cover_the_issue_rows():
+    for name in ("synthcir", "fashioniq", "cirr"):
+        load_config(REPO / "configs" / "ablation" / f"{name}.yaml")
+    config = load_config(REPO / "configs" / "ablation" / "synthcir.yaml")
+    rows = {v.name: v for v in config.variants}
+    assert rows["tower-separate"].overrides["model.model_options"] == {"tower": "separate"}
+    assert rows["target-image-only"].overrides["model.model_options"] == {"target_text": "none"}
+    assert config.captions["noisy-mcot"].oracle == {"style": "mcot", "noise": 0.3, "seed": 0}
+    assert config.captions["plain"].oracle == {"style": "plain"}
+    assert rows["no-bank"].overrides["model.bank"] == {"enabled": False}
+    banks = {n: v.overrides.get("model.bank", {}) for n, v in rows.items()}
+    bank_rows = [n for n, bank in banks.items() if bank.get("enabled")]
+    assert {banks[n].get("selection", "hardest") for n in bank_rows} == {
+        "random",
+        "hardest",
+        "entropy",
+    }
+    assert {banks[n].get("window", "entropy") for n in bank_rows} == {"fixed", "entropy"}
+    assert rows["clip4cir"].fit_config == Path("configs/synthcir_clip4cir.yaml")
+    # every bank setting runs from scratch and fine-tuned from the one shared start (no-bank)
+    for name in ("no-bank", "full", "bank-random", "bank-select-entropy", "bank-window-fixed"):
+        scratch, tuned = rows[name], rows[f"ft-{name}"]
+        assert scratch.init_from is None and tuned.init_from == "no-bank"
+        assert tuned.overrides == scratch.overrides and tuned.captions == scratch.captions
+
+
+def test_flag_values_read_back_as_the_yaml_values():
+    assert flag_value(True) == "true" and flag_value(None) == "null" and flag_value(0.3) == "0.3"
+    nested = {"enabled": True, "selection": "random", "max_share": None}
+    assert json.loads(flag_value(nested)) == nested
+
+
+def test_log_tail_keeps_the_last_lines_without_progress_redraws(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("a\n\nstep 1\rstep 2\rstep 3\nerror: bad value\n", encoding="utf-8")
+    assert log_tail(log, 2) == ["step 3", "error: bad value"]
+    assert log_tail(tmp_path / "absent.txt") == []
+
+
+# -- table --------------------------------------------------------------------------------------
+
+
+def ok_record(variant: str, seed: int, r1: float, avg: float, steps: int = 5) -> dict:
+    return {
+        "variant": variant,
+        "seed": seed,
+        "status": "ok",
+        "train_s": 10.0 * (seed + 1),
+        "metrics": {"R@1": r1, "Avg": avg},
+        "budget": {"trainer.max_steps": steps, "data.batch_size": 2},
+    }
+
+
+def failed_record(variant: str, seed: int, error: str) -> dict:
+    return {
+        "variant": variant,
+        "seed": seed,
+        "status": "failed",
+        "stage": "train",
+        "error": [error],
+    }
+
+
+def test_table_gives_mean_and_sample_std_and_lists_failures(tmp_path, fit_yaml):
+    config = load(
+        tmp_path,
+        base_config(
+            fit_yaml,
+            [
+                {"name": "a", "label": "row | a"},
+                {"name": "b"},
+                {"name": "c"},
+                {"name": "d", "changes_budget": ["trainer.max_steps"]},
+            ],
+        ),
+    )
+    records = [
+        ok_record("a", 0, 10.0, 1.0),
+        ok_record("a", 1, 20.0, 2.0),
+        ok_record("a", 2, 30.0, 6.0),
+        ok_record("b", 0, 40.0, 4.0),
+        failed_record("b", 1, "error: tower must be shared or separate"),
+        failed_record("c", 0, "boom"),
+        ok_record("d", 0, 50.0, 5.0, steps=9),
+    ]
+    table = summarise(config, config.variants, [0, 1, 2], records)
+    a, b, c, d = table["rows"]
+    assert a["metrics"]["R@1"]["mean"] == 20.0 and a["metrics"]["R@1"]["std"] == 10.0
+    assert a["metrics"]["Avg"]["mean"] == 3.0 and a["metrics"]["Avg"]["std"] == pytest.approx(
+        (((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) ** 0.5
+    )
+    assert a["train_s_mean"] == 20.0 and a["status"] == "ok"
+    assert b["status"] == "partial" and b["seeds_ok"] == [0]
+    assert b["metrics"]["R@1"] == {"mean": 40.0, "std": None, "values": {"0": 40.0}}
+    error = "error: tower must be shared or separate"
+    assert b["seeds_failed"] == {"1": {"stage": "train", "error": error}}
+    assert c["status"] == "failed" and c["metrics"]["R@1"]["mean"] is None
+    assert d["budget_changes"] == {"trainer.max_steps": 9} and d["unequal_budget"] == {}
+
+    text = markdown(table, "csmcir ablate --config x.yaml", "test machine")
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| variant"))
+    assert header == "| variant | what | regime | seeds ok | R@1 | Avg | train s | notes |"
+    rows = [line for line in lines if line.startswith("| ") and line != header]
+    assert len(rows) == 4 and all(r.count(" | ") == header.count(" | ") for r in rows)
+    assert rows[0].startswith("| a | row \\| a | from scratch | 3/3 | 20.0 ± 10.0 | 3.0 ± 2.6 |")
+    assert "| 1/2 | 40.0 | 4.0 |" in rows[1]
+    assert "seed 1 failed (train): error: tower must be shared or separate" in rows[1]
+    assert "| 0/1 | failed | failed |" in rows[2] and "seed 0 failed (train): boom" in rows[2]
+    assert "budget changed: trainer.max_steps=9" in rows[3]
+    assert "Command: `csmcir ablate --config x.yaml`" in text and "test machine" in text
+
+
+def test_a_run_with_an_undeclared_budget_difference_is_flagged(tmp_path, fit_yaml):
+    config = load(tmp_path, base_config(fit_yaml, [{"name": "a"}, {"name": "b"}]))
+    records = [ok_record("a", 0, 1.0, 1.0), ok_record("b", 0, 1.0, 1.0, steps=7)]
+    table = summarise(config, config.variants, [0], records)
+    assert table["rows"][1]["unequal_budget"] == {"trainer.max_steps": 7}
+    assert "UNEQUAL BUDGET: trainer.max_steps=7" in markdown(table, "c", "m")
+
+
+# -- the runner, with a stand-in for the subprocesses ------------------------------------------
+
+
+class FakeRuns:
+    """Plays ``csmcir caption|fit|eval``: writes the files they write; fails where told."""
+
+    def __init__(self, fail_when: str = "sideways", steps_short: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_when = fail_when
+        self.steps_short = steps_short
+
+    def __call__(self, argv: list[str], log: Path, timeout: float | None) -> tuple[int, float]:
+        self.calls.append(argv)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        args = dict(itertools.pairwise(argv))
+        verb = argv[3]
+        if self.fail_when in " ".join(argv):
+            log.write_text(f"$ {' '.join(argv)}\nerror: bad value {self.fail_when}\n")
+            return 2, 0.5
+        if verb == "caption" and argv[4] == "merge":
+            Path(args["--out"]).write_text(json.dumps({"img": "a caption"}))
+        elif verb == "fit":
+            run = Path(args["--trainer.default_root_dir"])
+            steps = int(args["--trainer.max_steps"])
+            saved = {"trainer": {"max_steps": steps}, "data": {"batch_size": 2}}
+            (run / "logs" / "version_0").mkdir(parents=True)
+            (run / "logs" / "version_0" / "config.yaml").write_text(yaml.safe_dump(saved))
+            (run / "model").mkdir()
+            done = steps - 1 if self.steps_short else steps
+            weights = " ".join(argv)  # stands for the trained weights: other flags, other weights
+            record = {"global_step": done, "weights": weights}
+            (run / "model" / "training.json").write_text(json.dumps(record))
+            (run / "last.ckpt").write_bytes(b"x")
+        elif verb == "eval":
+            weights = json.loads((Path(args["--model"]) / "training.json").read_text())["weights"]
+            metrics = {"synthcir": {"R@1": 10.0 + len(weights) % 7, "Avg": 5.0}}
+            Path(args["--out"]).write_text(
+                json.dumps({"metrics": metrics, "model": {"fingerprint": weights}})
+            )
+        return 0, 1.0
+
+
+def fake_grid(tmp_path, fit_yaml, runs, rows: list[dict], **kwargs) -> Grid:
+    config = load(tmp_path, base_config(fit_yaml, rows))
+    return Grid(config, tmp_path / "out", [0, 1], run=runs, **kwargs)
+
+
+VARIANTS = [
+    {"name": "base", "captions": "mcot"},
+    {"name": "ft", "extends": "base", "init_from": "base", "overrides": {"model.lr": 0.01}},
+    {"name": "bad", "overrides": {"model.model_options": {"tower": "sideways"}}},
+]
+
+
+def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):
+    runs = FakeRuns()
+    grid = fake_grid(tmp_path, fit_yaml, runs, VARIANTS)
+    records = grid.run_all()
+    status = {(r["variant"], r["seed"]): r["status"] for r in records}
+    assert status == {
+        ("base", 0): "ok",
+        ("ft", 0): "ok",
+        ("bad", 0): "failed",
+        ("base", 1): "ok",
+        ("ft", 1): "ok",
+        ("bad", 1): "failed",
+    }
+    bad = next(r for r in records if r["variant"] == "bad")
+    assert bad["stage"] == "train" and bad["error"][-1] == "error: bad value sideways"
+    assert Path(bad["log"]).is_file()
+    # the captions were built once, then shared
+    assert sum(c[3:5] == ["caption", "run"] for c in runs.calls) == 1
+    # the fine-tuned run started from the same seed's base weights
+    ft_fit = next(c for c in runs.calls if c[3] == "fit" and "/ft/seed1/" in " ".join(c))
+    assert ft_fit[ft_fit.index("--model.init_from") + 1].endswith("cells/base/seed1/run/model")
+    assert ft_fit[ft_fit.index("--seed_everything") + 1] == "1"
+    # checkpoints of finished runs are removed, the exported weights stay
+    assert not list((tmp_path / "out" / "cells" / "base" / "seed0" / "run").glob("*.ckpt"))
+
+    # a rerun skips the finished cells and retries the failed ones
+    runs.calls.clear()
+    grid.run_all()
+    assert {c[3] for c in runs.calls} == {"fit"}
+    assert all("sideways" in " ".join(c) for c in runs.calls) and len(runs.calls) == 2
+    # a changed command reruns the cell, and whatever started from its weights
+    changed = [dict(v) for v in VARIANTS]
+    changed[0]["overrides"] = {"model.lr": 0.5}
+    runs.calls.clear()
+    fake_grid(tmp_path, fit_yaml, runs, changed, variants=["ft"]).run_all()
+    trained = sorted(
+        c[c.index("--trainer.default_root_dir") + 1] for c in runs.calls if c[3] == "fit"
+    )
+    assert [Path(t).parts[-3:-1] for t in trained] == [
+        ("base", "seed0"),
+        ("base", "seed1"),
+        ("ft", "seed0"),
+        ("ft", "seed1"),
+    ]
+    # --force reruns everything asked for
+    runs.calls.clear()
+    fake_grid(tmp_path, fit_yaml, runs, changed, variants=["base"], force=True).run_all()
+    assert sum(c[3] == "fit" for c in runs.calls) == 2
+
+
+def test_a_failed_start_fails_the_runs_that_fine_tune_from_it(tmp_path, fit_yaml):
+    runs = FakeRuns(fail_when="--model.lr 0.3")
+    variants = [dict(VARIANTS[0], overrides={"model.lr": 0.3}), VARIANTS[1]]
+    records = fake_grid(tmp_path, fit_yaml, runs, variants).run_all()
+    ft = [r for r in records if r["variant"] == "ft"]
+    assert [r["status"] for r in ft] == ["failed", "failed"]
+    assert ft[0]["stage"] == "init_from"
+    assert ft[0]["error"] == ["its starting run base/seed0 failed"]
+
+
+def test_a_run_that_stops_short_of_the_budget_is_a_failure(tmp_path, fit_yaml):
+    records = fake_grid(tmp_path, fit_yaml, FakeRuns(steps_short=True), VARIANTS[:1]).run_all()
+    assert records[0]["status"] == "failed"
+    assert records[0]["error"] == ["training stopped at step 4 of 5: not the equal budget"]
+
+
+def test_a_missing_caption_file_fails_its_rows_only(tmp_path, fit_yaml):
+    config = base_config(fit_yaml, [{"name": "a", "captions": "given"}, {"name": "b"}])
+    config["captions"] = {"given": {"file": str(tmp_path / "absent.json")}}
+    grid = Grid(load(tmp_path, config), tmp_path / "out", [0], run=FakeRuns())
+    a, b = grid.run_all()
+    assert a["status"] == "failed" and a["stage"] == "captions"
+    assert a["error"] == [f"caption file 'given' not found: {tmp_path / 'absent.json'}"]
+    assert b["status"] == "ok"
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_synthcir(tmp_path_factory) -> Path:
+    from csmcir.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synthcir")
+    generate(root, SynthConfig(train_refs=16, val_refs=4, test_refs=4, image_size=32))
+    return root
+
+
+@pytest.mark.slow
+def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
+    tiny_synthcir, tmp_path, capsys
+):
+    config = {
+        "benchmark": "synthcir",
+        "root": str(tiny_synthcir),
+        "fit_config": str(REPO / "configs" / "synthcir.yaml"),
+        "budget": {"trainer.max_steps": 2, "data.batch_size": 8},
+        "overrides": {
+            "data.val_batch_size": 64,
+            "trainer.val_check_interval": 2,
+            "trainer.num_sanity_val_steps": 0,
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "checkpoint_every": 0,
+            "model.warmup_steps": 1,
+        },
+        "captions": {"mcot": {"oracle": {"style": "mcot"}}},
+        "eval": {"split": "test", "metrics": ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Avg"]},
+        "variants": [
+            {"name": "full", "label": "the tiny model", "captions": "mcot"},
+            {
+                "name": "broken",
+                "extends": "full",
+                "overrides": {"model.model_options": {"tower": "sideways"}},
+            },
+        ],
+    }
+    path = write_yaml(tmp_path / "grid.yaml", config)
+    out = tmp_path / "out"
+    argv = ["ablate", "--config", str(path), "--seeds", "0", "--out", str(out)]
+    assert csmcir_cli.main(argv) == 1  # a failed run makes the exit status 1
+
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["seeds"] == [0] and table["metrics"] == config["eval"]["metrics"]
+    full, broken = table["rows"]
+    assert full["variant"] == "full" and full["status"] == "ok" and full["seeds_ok"] == [0]
+    for spread in full["metrics"].values():
+        assert 0.0 <= spread["mean"] <= 100.0 and spread["std"] is None
+    assert broken["status"] == "failed" and broken["seeds_ok"] == []
+    assert broken["seeds_failed"]["0"]["stage"] == "train"
+    assert "sideways" in broken["seeds_failed"]["0"]["error"]
+    cell = json.loads((out / "cells" / "full" / "seed0" / "result.json").read_text())
+    assert cell["steps"] == 2 and cell["budget"]["data.batch_size"] == 8
+    assert (out / "cells" / "broken" / "seed0" / "log.txt").is_file()
+
+    text = (out / "ablation.md").read_text()
+    assert text in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| variant | what | regime | seeds ok | R@1 | R@5 |")
+    assert rows[1].startswith("| full | the tiny model | from scratch | 1/1 |")
+    assert rows[2].startswith("| broken |") and "| 0/1 | failed |" in rows[2]
+    assert "seed 0 failed (train):" in rows[2] and "sideways" in rows[2]
+
+    # a rerun of the finished row trains nothing: the stored cell is reused
+    shutil.rmtree(out / "cells" / "broken")
+    argv_full = [*argv, "--variants", "full"]
+    assert csmcir_cli.main(argv_full) == 0
+    assert "full/seed0: done earlier, skipped" in capsys.readouterr().out
+    assert json.loads((out / "cells" / "full" / "seed0" / "result.json").read_text()) == cell
