@@ -188,8 +188,9 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
     from csmcir.demo.app import launch
 
     port = free_port()
-    app = launch(demo, "127.0.0.1", port, block=False, quiet=True)
+    app = launch(demo, "127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"
+    assert app.local_url.rstrip("/") == url
     outside: list[str] = []
     try:
         with sync_playwright() as p:

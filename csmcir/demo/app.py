@@ -148,11 +148,11 @@ def launch(
     demo: RetrievalDemo,
     host: str = "127.0.0.1",
     port: int | None = None,
-    *,
-    block: bool = True,
-    quiet: bool = False,
 ) -> gr.Blocks:
-    """Serve the page; only the gallery folders are readable, uploads are capped server-side."""
+    """Start serving the page in the background (``app.local_url``; ``app.block_thread()`` waits).
+
+    Only the gallery folders are readable; uploads are capped server-side too.
+    """
     app = build_app(demo)
     app.queue(default_concurrency_limit=1)  # one model, one search at a time
     app.launch(
@@ -161,8 +161,8 @@ def launch(
         share=False,
         allowed_paths=[str(f) for f in demo.gallery_folders()],
         max_file_size=demo.max_upload_bytes,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,
+        quiet=True,
         footer_links=[],
     )
     return app

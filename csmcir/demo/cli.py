@@ -42,7 +42,12 @@ def main(argv: list[str]) -> int:
     demo = RetrievalDemo.load(args.index, args.model, pick_device(args.device), args.max_upload_mb)
     from csmcir.demo.app import launch
 
+    app = launch(demo, args.host, args.port)
     folders = ", ".join(map(str, demo.gallery_folders()))
-    print(f"serving {len(demo.index)} gallery images; files readable from: {folders}")
-    launch(demo, args.host, args.port)
+    print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
+    print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
+    try:
+        app.block_thread()
+    finally:
+        app.close()
     return 0
