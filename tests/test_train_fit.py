@@ -267,3 +267,14 @@ def test_ddp_two_processes_gather_the_batch(synthcir: Path, captions: Path, tmp_
     assert sorted(series(rows, "train/loss")) == [0, 1, 2]
     assert len(series(rows, "val/score")) == 1
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["synthcir", "cirr", "fashioniq", "shoes", "fashion200k"])
+def test_every_benchmark_config_parses(name: str, capsys):
+    """Each YAML names only options that exist (LightningCLI rejects anything else)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"benchmark: {name}" in printed
+    assert "preset: tiny" in printed if name == "synthcir" else "preset: blip2-vitg" in printed

@@ -255,15 +255,22 @@ class CIRDataModule(L.LightningDataModule):
     @property
     def model_input(self) -> str:
         """The encode_query/encode_target keyword the batches' image tensors feed."""
-        return self._image_source([]).model_input
+        return (CachedFeatures if self.features is not None else ImageSource).model_input
 
-    def _image_source(self, splits: list[CIRSplit]) -> ImageSource | CachedFeatures:
-        """The images of ``splits``, added to those already available."""
+    def _image_source(
+        self, splits: list[CIRSplit], queries_only: bool = False
+    ) -> ImageSource | CachedFeatures:
+        """The images of ``splits`` (only their queries' references and targets when
+        ``queries_only``: training never sees a distractor), added to those already available."""
         if self.model is None:
             raise RuntimeError("CIRDataModule.attach(model) must come before the dataloaders")
         paths: dict[str, Path] = {}
         for split in splits:
-            for image_id in split.referenced_images():
+            if queries_only:
+                ids = [i for q in split.queries for i in (q.reference, q.target)]
+            else:
+                ids = split.referenced_images()
+            for image_id in ids:
                 paths.setdefault(image_id, split.image_path(image_id))
         if self._images is None:
             if self.features is not None:
@@ -286,7 +293,10 @@ class CIRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loaded = self._loaded()
         dataset = TrainTriplets(
-            loaded.train, self._image_source(loaded.train), self._captions_for_model(), self.seed
+            loaded.train,
+            self._image_source(loaded.train, queries_only=True),
+            self._captions_for_model(),
+            self.seed,
         )
         world, rank = self._world()
         if len(dataset) < self.batch_size * world:

@@ -62,7 +62,8 @@ class InMemoryImages(ImageSource):
 
     def add(self, paths: dict[str, Path]) -> None:
         new = {k: v for k, v in paths.items() if k not in self.tensors}
-        for image_id, path in tqdm(new.items(), desc="caching images", unit="img", leave=False):
+        bar = tqdm(new.items(), desc="caching images", unit="img", leave=False, disable=not new)
+        for image_id, path in bar:
             self.tensors[image_id] = self.preprocess(load_image(path))
         super().add(new)
 
