@@ -148,34 +148,32 @@ def test_fit_validates_checkpoints_and_exports(synthcir: Path, captions: Path, t
     assert check.trainer.callback_metrics["val/score"].item() == pytest.approx(last_score)
 
 
-def test_resume_mid_epoch_continues_the_same_trajectory(
-    synthcir: Path, captions: Path, tmp_path: Path
-):
-    """12 steps straight vs 6 steps, a checkpoint in the middle of epoch 0, and 6 more."""
+def test_resume_continues_the_same_trajectory(synthcir: Path, captions: Path, tmp_path: Path):
+    """12 steps straight vs resumed from step 6 (mid-epoch) and from step 8 (an epoch's end)."""
     snapshots = tmp_path / "snapshots"
     extra = tmp_path / "snapshot.yaml"
     extra.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {snapshots}, filename: 'snap-{{step}}', "
-        "every_n_train_steps: 6, save_top_k: -1}\n"
+        "every_n_train_steps: 2, save_top_k: -1}\n"
     )
     longer = ("--trainer.max_steps", "12", "--trainer.val_check_interval", "4")
     straight = tmp_path / "straight"
     run(fit_args(synthcir, captions, straight, "--config", str(extra), *longer))
-    snapshot = snapshots / "snap-step=6.ckpt"
-    assert snapshot.is_file()
-    resumed = tmp_path / "resumed"
-    run(fit_args(synthcir, captions, resumed, *longer, "--ckpt_path", str(snapshot)))
-
-    a, b = read_metrics(straight), read_metrics(resumed)
-    loss_a, loss_b = series(a, "train/loss"), series(b, "train/loss")
-    assert sorted(loss_b) == list(range(6, 12))
-    for step in range(6, 12):
-        assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6), step
-    lr_a, lr_b = series(a, "lr-AdamW/pg1"), series(b, "lr-AdamW/pg1")
-    assert all(lr_b[s] == pytest.approx(lr_a[s]) for s in lr_b)
-    assert series(b, "val/score")[11] == pytest.approx(series(a, "val/score")[11])
+    a = read_metrics(straight)
+    loss_a, lr_a = series(a, "train/loss"), series(a, "lr-AdamW/pg1")
+    for start in (6, 8):  # 8 training batches an epoch
+        resumed = tmp_path / f"resumed-{start}"
+        snapshot = snapshots / f"snap-step={start}.ckpt"
+        run(fit_args(synthcir, captions, resumed, *longer, "--ckpt_path", str(snapshot)))
+        b = read_metrics(resumed)
+        loss_b, lr_b = series(b, "train/loss"), series(b, "lr-AdamW/pg1")
+        assert sorted(loss_b) == list(range(start, 12))
+        for step in range(start, 12):
+            assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6), (start, step)
+        assert all(lr_b[s] == pytest.approx(lr_a[s]) for s in lr_b)
+        assert series(b, "val/score")[11] == pytest.approx(series(a, "val/score")[11])
 
 
 def test_missing_captions_give_the_command_that_makes_them(
