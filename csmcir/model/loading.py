@@ -270,9 +270,10 @@ def from_pretrained(cls: type[CSMCIR], folder: str | Path, overrides: dict[str, 
 
 
 def model_from_config(config: dict[str, Any], tokenizer_folder: str | Path):
-    """A random-weight model (CSMCIR or baseline) of a saved config, tokenizer from the folder.
+    """A model (CSMCIR or baseline) of a saved config, tokenizer from the folder.
 
-    What rebuilds a model from a training checkpoint, whose weights are loaded next.
+    What rebuilds a model from a training checkpoint, whose weights are loaded next: a CSMCIR
+    is built without random initialisation (its weights are uninitialised until loaded).
     """
     if isinstance(config, dict) and config.get("model_type") == BASELINE_MODEL_TYPE:
         from csmcir.baselines.loading import model_from_config as baseline_from_config
@@ -280,4 +281,4 @@ def model_from_config(config: dict[str, Any], tokenizer_folder: str | Path):
         return baseline_from_config(config, tokenizer_folder)
     from csmcir.model.encoder import CSMCIR
 
-    return CSMCIR(CSMCIRConfig.from_dict(config), load_tokenizer(tokenizer_folder))
+    return CSMCIR.skeleton(CSMCIRConfig.from_dict(config), load_tokenizer(tokenizer_folder))
