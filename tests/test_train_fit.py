@@ -276,3 +276,25 @@ def test_every_benchmark_config_parses(name: str, capsys):
     printed = capsys.readouterr().out
     assert f"benchmark: {name}" in printed
     assert "preset: tiny" in printed if name == "synthcir" else "preset: blip2-vitg" in printed
+
+
+def test_checkpoints_of_python_built_runs_load_weights_only(
+    synthcir: Path, captions: Path, tmp_path: Path
+):
+    """Paths given as Path objects (not CLI strings) must not leak into the checkpoint."""
+    L.seed_everything(0)
+    data = CIRDataModule("synthcir", synthcir, captions, batch_size=BATCH, cache_images=True)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(CSMCIRModule(warmup_steps=1), data)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["root"] == str(synthcir)
+    model = model_from_checkpoint(tmp_path / "one.ckpt")
+    assert model.config.preset == "tiny"

@@ -138,7 +138,22 @@ class CIRDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.num_workers must be 0 or more, got {num_workers}")
         if categories is not None and benchmark != "fashioniq":
             raise ConfigError("--data.categories applies to fashioniq only")
-        self.save_hyperparameters()
+        # strings, not Paths: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "benchmark": benchmark,
+                "root": str(root),
+                "captions": None if captions is None else str(captions),
+                "batch_size": batch_size,
+                "val_batch_size": val_batch_size,
+                "num_workers": num_workers,
+                "cache_images": cache_images,
+                "features": None if features is None else str(features),
+                "categories": categories,
+                "drop_missing": drop_missing,
+                "seed": seed,
+            }
+        )
         self.benchmark = benchmark
         self.root = Path(root)
         self.captions_path = Path(captions) if captions is not None else None
