@@ -187,6 +187,7 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
 
     from csmcir.demo.app import launch
 
+    expect.set_options(timeout=30_000)  # a busy 2-core machine renders slowly; failures still fail
     port = free_port()
     app = launch(demo, "127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"

@@ -32,10 +32,10 @@ def build_app(demo: RetrievalDemo, picker_limit: int = PICKER_LIMIT) -> gr.Block
     )
 
     def picker_items(query: str) -> tuple[list[tuple[str, str]], list[str], str]:
-        ids = demo.find(query or "", picker_limit)
-        total = len(demo.find(query or "", len(demo.index)))
-        shown = f"{len(ids)} of {total} matching" if total > len(ids) else f"{total} matching"
-        return [(str(demo.gallery[i]), i) for i in ids], ids, f"{shown} gallery images"
+        matches = demo.find(query or "", len(demo.index))
+        ids = matches[:picker_limit]
+        count = f"{len(ids)} of {len(matches)}" if len(matches) > len(ids) else f"{len(ids)}"
+        return [(str(demo.gallery[i]), i) for i in ids], ids, f"{count} matching gallery images"
 
     def pick(shown: list[str], evt: gr.SelectData):
         image_id = shown[evt.index]
