@@ -181,3 +181,75 @@ def test_caption_command():
     assert fiq.count("csmcir caption run") == 2
     assert "--category dress" in fiq and "--category shirt" in fiq
     assert "--backend hf --model-dir MLLM_DIR" in fiq
+
+
+def test_summarise_names_and_combines_the_figures():
+    from csmcir.train.validation import summarise
+
+    one = summarise("synthcir", {"val": {"R@5": 40.0, "Rsubset@1": 60.0, "Avg": 50.0}})
+    assert one == {"val/R@5": 40.0, "val/Rsubset@1": 60.0, "val/Avg": 50.0, "val/score": 50.0}
+    fiq = summarise(
+        "fashioniq",
+        {
+            "dress": {"R@10": 10.0, "R@50": 30.0},
+            "shirt": {"R@10": 20.0, "R@50": 40.0},
+            "toptee": {"R@10": 30.0, "R@50": 50.0},
+        },
+    )
+    assert fiq["val/shirt/R@50"] == 40.0
+    assert fiq["val/R@10"] == 20.0 and fiq["val/R@50"] == 40.0
+    assert fiq["val/score"] == 30.0  # mean of the two category averages
+    shoes = summarise("shoes", {"test": {"R@1": 10.0, "R@10": 40.0, "R@50": 70.0}})
+    assert shoes["val/score"] == 40.0
+
+
+@pytest.mark.slow
+def test_fashioniq_trains_on_the_union_and_validates_per_category(shared_benchmarks, tmp_path):
+    """The real FashionIQ annotation files, one placeholder PNG hard-linked for every image."""
+    import json
+    import os
+
+    from csmcir.data.fashioniq import train_forms
+    from csmcir.model import CSMCIR
+
+    source = shared_benchmarks / "fashioniq"
+    root = tmp_path / "fashioniq"
+    root.mkdir()
+    for name in ("captions", "image_splits"):
+        (root / name).symlink_to(source / name, target_is_directory=True)
+    ids: set[str] = set()
+    counts = {}
+    for category in ("dress", "shirt", "toptee"):
+        for split in ("train", "val"):
+            records = json.loads((source / f"captions/cap.{category}.{split}.json").read_text())
+            gallery = json.loads(
+                (source / f"image_splits/split.{category}.{split}.json").read_text()
+            )
+            counts[category, split] = (len(records), len(gallery))
+            ids |= set(gallery) | {r[k] for r in records for k in ("candidate", "target")}
+    (root / "images").mkdir()
+    placeholder = tmp_path / "placeholder.png"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(placeholder)
+    for image_id in ids:
+        os.link(placeholder, root / "images" / f"{image_id}.png")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({i: "a garment" for i in ids}))
+
+    data = CIRDataModule("fashioniq", root, captions, batch_size=4, val_batch_size=512)
+    data.setup("fit")
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=data.text_corpus())
+    data.attach(model)
+    train = data.train_dataloader()
+    assert len(train.dataset) == sum(counts[c, "train"][0] for c in ("dress", "shirt", "toptee"))
+    batch = next(iter(train))
+    assert batch["reference_image"].shape == (4, 3, 64, 64)
+    queries = {q.query_id: q for split in data.splits.train for q in split.queries}
+    assert len(queries) == len(train.dataset)
+    val = data.val_dataloader()
+    assert [name for name, _ in data.val_splits()] == ["dress", "shirt", "toptee"]
+    for loader, category in zip(val, ("dress", "shirt", "toptee"), strict=True):
+        n_queries, n_gallery = counts[category, "val"]
+        assert len(loader.dataset) == n_queries + n_gallery
+    item = train.dataset[(0, 3)]
+    query = train.dataset.items[0].query
+    assert item["text"] in train_forms(query)
