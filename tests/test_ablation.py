@@ -164,6 +164,10 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
     assert config.captions["noisy-mcot"].oracle == {"style": "mcot", "noise": 0.3, "seed": 0}
     assert config.captions["plain"].oracle == {"style": "plain"}
     assert rows["no-bank"].overrides["model.bank"] == {"enabled": False}
+    # the other parts are each removed from no-bank, with its MCoT captions unless they are the part
+    for name in ("tower-separate", "target-image-only", "plain-captions", "noisy-mcot"):
+        assert rows[name].overrides["model.bank"] == {"enabled": False}, name
+    assert rows["tower-separate"].captions == "mcot" and rows["target-image-only"].captions is None
     banks = {n: v.overrides.get("model.bank", {}) for n, v in rows.items()}
     bank_rows = [n for n, bank in banks.items() if bank.get("enabled")]
     assert {banks[n].get("selection", "hardest") for n in bank_rows} == {
@@ -178,6 +182,41 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
         scratch, tuned = rows[name], rows[f"ft-{name}"]
         assert scratch.init_from is None and tuned.init_from == "no-bank"
         assert tuned.overrides == scratch.overrides and tuned.captions == scratch.captions
+
+
+def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
+    fit = write_yaml(
+        tmp_path / "fit.yaml",
+        {"model": {"model_options": {"precision": "bf16"}, "lr": 1.0}, "data": {"batch_size": 4}},
+    )
+    config = base_config(
+        fit,
+        [
+            {"name": "a", "overrides": {"model.model_options": {"tower": "separate"}}},
+            {"name": "b", "overrides": {"model.bank": {"selection": "random"}}},
+        ],
+    )
+    config["overrides"] = {"model.bank": {"enabled": True, "size": 8}, "model.lr": 0.5}
+    grid = Grid(load(tmp_path, config), tmp_path / "out", [3])
+    a, b = grid.cells()
+
+    def flags(cell):
+        argv = grid.fit_argv(cell, None, None)
+        return {k: argv[i + 1] for i, k in enumerate(argv) if k.startswith("--")}
+
+    assert json.loads(flags(a)["--model.model_options"]) == {
+        "precision": "bf16",
+        "tower": "separate",
+    }
+    assert json.loads(flags(a)["--model.bank"]) == {"enabled": True, "size": 8}
+    bank = {"enabled": True, "size": 8, "selection": "random"}
+    assert json.loads(flags(b)["--model.bank"]) == bank
+    assert "--model.model_options" not in flags(b)
+    assert flags(b)["--model.lr"] == "0.5" and flags(b)["--seed_everything"] == "3"
+    assert flags(b)["--data.captions"] == "null"
+    config["variants"] = [{"name": "c", "overrides": {"model.bank.size": 4}}]
+    with pytest.raises(ConfigError, match=r"model\.bank and model\.bank\.size set the same"):
+        load(tmp_path, config)
 
 
 def test_flag_values_read_back_as_the_yaml_values():

@@ -243,6 +243,7 @@ def load_config(path: str | Path) -> AblationConfig:
         keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
     )
     for v in config.variants:
+        _overrides(deep_merge(overrides, v.overrides), f"{where('variants')}.{v.name}.overrides")
         _check_budget(config, v)
     return config
 

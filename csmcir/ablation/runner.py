@@ -20,7 +20,15 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from csmcir.ablation.config import BUDGET_KEYS, AblationConfig, CaptionSpec, Variant, flatten
+from csmcir.ablation.config import (
+    BUDGET_KEYS,
+    AblationConfig,
+    CaptionSpec,
+    Variant,
+    deep_merge,
+    flatten,
+    read_yaml,
+)
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json, read_json
 
@@ -63,6 +71,16 @@ def run_logged(argv: list[str], log: Path, timeout: float | None = None) -> tupl
             f.write(f"\nkilled by the ablation runner after --timeout {timeout:g} s\n")
             code = -9
     return code, time.perf_counter() - start
+
+
+def lookup(tree: dict[str, Any], dotted: str) -> Any:
+    """``tree["model"]["bank"]`` for ``"model.bank"``; None where the path does not exist."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def csmcir_argv(*args: str) -> list[str]:
@@ -144,8 +162,7 @@ class Grid:
             "data.benchmark": config.benchmark,
             "data.root": str(self.root),
             **config.budget,
-            **config.overrides,
-            **v.overrides,
+            **self.merged_overrides(v),
             "data.captions": str(captions) if captions else None,
             "trainer.default_root_dir": str(cell.run_dir.resolve()),
             "seed_everything": cell.seed,
@@ -156,6 +173,19 @@ class Grid:
         for key, value in flags.items():
             argv += [f"--{key}", flag_value(value)]
         return argv
+
+    def merged_overrides(self, v: Variant) -> dict[str, Any]:
+        """The grid's and the variant's overrides. A mapping merges into the fit config's mapping
+        of the same key: a flag replaces a whole mapping, and ``model.model_options: {tower:
+        separate}`` must not drop the fit config's ``precision: bf16``."""
+        fit = read_yaml(v.fit_config or self.config.fit_config, "fit config")
+        merged = {}
+        for key, value in deep_merge(self.config.overrides, v.overrides).items():
+            if isinstance(value, dict):
+                base = lookup(fit, key)
+                value = deep_merge(base, value) if isinstance(base, dict) else value
+            merged[key] = value
+        return merged
 
     def eval_argv(self, cell: Cell, captions: Path | None) -> list[str]:
         config = self.config
