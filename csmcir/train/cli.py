@@ -69,6 +69,29 @@ class CSMCIRCLI(LightningCLI):
             return Path(given)
         return Path("checkpoints") / f"{config['data'].benchmark}-{config['model'].hparams.preset}"
 
+    @staticmethod
+    def _checkpoints(root: Path, every: int) -> list[ModelCheckpoint]:
+        """best.ckpt (best val/score) and last.ckpt (each validation, every ``every`` steps)."""
+        best = ModelCheckpoint(
+            dirpath=root,
+            filename="best",
+            monitor=SCORE,
+            mode="max",
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        if every < 1:
+            return [best]
+        periodic = ModelCheckpoint(
+            dirpath=root,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every,
+            enable_version_counter=False,
+        )
+        return [best, periodic]
+
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]
         trainer_config = config["trainer"]
@@ -84,29 +107,9 @@ class CSMCIRCLI(LightningCLI):
             kwargs["logger"] = logger
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        every = config.get("checkpoint_every", 0)
-        callbacks += [
-            ModelCheckpoint(
-                dirpath=root,
-                filename="best",
-                monitor=SCORE,
-                mode="max",
-                save_last=True,
-                auto_insert_metric_name=False,
-                enable_version_counter=False,
-            ),
-            ExportModel(root),
-        ]
-        if every > 0:
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=root,
-                    save_top_k=0,
-                    save_last=True,
-                    every_n_train_steps=every,
-                    enable_version_counter=False,
-                )
-            )
+        callbacks.append(ExportModel(root))
+        if trainer_config.get("enable_checkpointing") is not False:
+            callbacks += self._checkpoints(root, config.get("checkpoint_every", 0))
         if logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
