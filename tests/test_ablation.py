@@ -126,6 +126,11 @@ def test_extends_merges_overrides_and_init_from_orders_the_runs(tmp_path, fit_ya
         ),
         (
             [{"name": "a"}],
+            {"budget": {"trainer.max_steps": 1, "data.batch_size": 2, "data.root": "x"}},
+            r"budget\.data\.root: give it as root",
+        ),
+        (
+            [{"name": "a"}],
             {"overrides": {"trainer.accumulate_grad_batches": 2}},
             r"overrides\.trainer\.accumulate_grad_batches changes the budget key",
         ),
@@ -212,7 +217,8 @@ def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
     bank = {"enabled": True, "size": 8, "selection": "random"}
     assert json.loads(flags(b)["--model.bank"]) == bank
     assert "--model.model_options" not in flags(b)
-    assert flags(b)["--model.lr"] == "0.5" and flags(b)["--seed_everything"] == "3"
+    assert flags(b)["--model.lr"] == "0.5"
+    assert flags(b)["--seed_everything"] == "3" and flags(b)["--data.seed"] == "3"
     assert flags(b)["--data.captions"] == "null"
     config["variants"] = [{"name": "c", "overrides": {"model.bank.size": 4}}]
     with pytest.raises(ConfigError, match=r"model\.bank and model\.bank\.size set the same"):

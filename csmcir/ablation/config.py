@@ -215,6 +215,8 @@ def load_config(path: str | Path) -> AblationConfig:
         if key not in budget:
             raise ConfigError(f"{where('budget')} must set {key} (the equal budget of every row)")
     for key in budget:
+        if key in ("data.root", "data.benchmark"):
+            raise ConfigError(f"{where('budget.' + key)}: give it as {key.split('.')[1]}")
         if not any(overlaps(key, b) for b in BUDGET_KEYS):
             raise ConfigError(
                 f"{where('budget.' + key)} is not a budget key ({', '.join(BUDGET_KEYS)}); "

@@ -165,7 +165,8 @@ class Grid:
             **self.merged_overrides(v),
             "data.captions": str(captions) if captions else None,
             "trainer.default_root_dir": str(cell.run_dir.resolve()),
-            "seed_everything": cell.seed,
+            "seed_everything": cell.seed,  # the model's initialisation
+            "data.seed": cell.seed,  # the data order, whatever the fit config says
         }
         if init_from is not None:
             flags["model.init_from"] = str(init_from.resolve())
