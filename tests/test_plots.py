@@ -96,7 +96,6 @@ def plot_args(bench, out: Path, *models: str) -> list[str]:
     return [*args, "--queries", "16", "--out", str(out), "--device", "cpu"]
 
 
-@pytest.mark.slow
 def test_plot_side_by_side_png_and_numbers(bench, tmp_path):
     shared, separate = str(bench["tmp"] / "shared"), str(bench["tmp"] / "separate")
     out = tmp_path / "towers.png"
@@ -129,7 +128,6 @@ def test_plot_side_by_side_png_and_numbers(bench, tmp_path):
         assert report["models"][1]["stats"][key] == pytest.approx(value, abs=1e-5)
 
 
-@pytest.mark.slow
 def test_plot_single_model_repeated_flag_and_errors(bench, tmp_path, capsys):
     shared = str(bench["tmp"] / "shared")
     out = tmp_path / "one.png"
