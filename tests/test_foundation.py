@@ -85,3 +85,12 @@ def test_load_captions_refuses_empty(tmp_path):
     path.write_text(json.dumps({"a": "ok", "b": "", "c": {"levels": {}}}))
     with pytest.raises(DataError, match=r"2 entries have no usable caption.*b, c"):
         load_captions(path)
+
+
+def test_top_level_exports_are_lazy():
+    code = (
+        "import sys, csmcir; assert 'torch' not in sys.modules; "
+        "from csmcir import CSMCIR, GalleryIndex; print(CSMCIR.__name__, GalleryIndex.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["CSMCIR", "GalleryIndex"]
