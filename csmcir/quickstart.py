@@ -1,0 +1,254 @@
+"""``csmcir quickstart``: the whole method end to end on the synthetic benchmark, on a CPU.
+
+Data -> oracle MCoT captions -> training the tiny preset -> evaluation against the untrained
+model and chance -> a faiss index -> an example search (grid PNG) -> an embedding plot. Every
+stage reuses what an earlier run left (the generator is deterministic, captioning resumes,
+training is skipped when the exported model exists unless ``--retrain``), so a second run is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from csmcir.errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METRIC_COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=Path, default=Path("datasets/synthcir"), help="benchmark folder")
+    p.add_argument(
+        "--run-dir", type=Path, default=Path("checkpoints/synthcir-tiny"), help="training output"
+    )
+    p.add_argument(
+        "--config", type=Path, default=REPO_CONFIGS / "synthcir.yaml", help="fit config to train"
+    )
+    p.add_argument("--steps", type=int, help="training steps (default: the config's max_steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, training and the example")
+    p.add_argument("--retrain", action="store_true", help="train even if the run has a model")
+    p.add_argument(
+        "--size",
+        choices=("default", "small"),
+        default="default",
+        help="'small' generates a tiny benchmark (a smoke test, not a result)",
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="csmcir quickstart", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+class Stages:
+    """Times each stage and prints its one-line summary."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, work: Callable[[], tuple[Any, str]]) -> Any:
+        self.done += 1
+        print(f"\n[{self.done}/{self.total}] {name}", flush=True)
+        t0 = time.perf_counter()
+        result, summary = work()
+        self.times[name] = time.perf_counter() - t0
+        print(
+            f"[{self.done}/{self.total}] {name}: {summary} ({self.times[name]:.1f} s)", flush=True
+        )
+        return result
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.config.is_file():
+        raise ConfigError(
+            f"fit config {args.config} not found: run from a source checkout "
+            "(pip install -e .) or pass --config"
+        )
+    root, run_dir = args.root, args.run_dir
+    captions_file = root / "mcot_captions.json"
+    pictures = run_dir / "quickstart"
+    stages = Stages(total=7)
+
+    stages.run("synthetic benchmark", lambda: make_data(root, args))
+    stages.run("MCoT captions (oracle)", lambda: make_captions(root, captions_file))
+    model_dir = stages.run("training the tiny preset", lambda: train(args, captions_file))
+    table = stages.run("evaluation on the test split", lambda: evaluate(args, model_dir))
+    index_dir = stages.run("faiss index of the test gallery", lambda: build_index(args, model_dir))
+    grid = stages.run(
+        "example search", lambda: example_search(args, model_dir, index_dir, pictures)
+    )
+    plot = stages.run("embedding plot", lambda: embedding_plot(args, model_dir, pictures))
+
+    print("\nSynthetic test split (recall in %; the reference is excluded from its ranking):")
+    print(format_table(table))
+    print(f"\nquickstart finished in {stages.elapsed / 60:.1f} min. It wrote:")
+    for label, path in (
+        ("benchmark", root),
+        ("captions", captions_file),
+        ("trained model", model_dir),
+        ("index", index_dir),
+        ("retrieval grid", grid),
+        ("embedding plot", plot),
+        ("training logs", run_dir / "logs"),
+    ):
+        print(f"  {label:<15} {path}")
+    return {"table": table, "seconds": stages.elapsed, "stages": stages.times, "model": model_dir}
+
+
+def make_data(root: Path, args: argparse.Namespace) -> tuple[Path, str]:
+    from csmcir.data.synth import generate
+    from csmcir.data.synth_build import SynthConfig
+
+    if (root / "scenes.json").is_file():
+        return root, f"reusing {root} (delete it to regenerate)"
+    sizes = dict(train_refs=300, val_refs=24, test_refs=24) if args.size == "small" else {}
+    splits = generate(root, SynthConfig(seed=args.seed, **sizes))
+    images = sum(len(s.names) for s in splits.values())
+    queries = sum(len(s.queries()) for s in splits.values())
+    return root, f"{images:,} images, {queries:,} queries in {root}"
+
+
+def make_captions(root: Path, captions_file: Path) -> tuple[Path, str]:
+    from captioning.cli import main as caption_main
+    from csmcir.data.captions import load_captions
+
+    shards = root / "mcot_captions_shards"
+    common = ["--benchmark", "synthcir", "--root", str(root), "--split", "all"]
+    caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
+    caption_main(["merge", str(shards), "--out", str(captions_file)])
+    return captions_file, f"{len(load_captions(captions_file)):,} captions in {captions_file}"
+
+
+def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
+    from csmcir.train.cli import run as fit
+
+    model_dir = args.run_dir / "model"
+    if (model_dir / "config.json").is_file() and not args.retrain:
+        return model_dir, f"reusing {model_dir} (--retrain to train again)"
+    argv = [
+        "fit",
+        "--config",
+        str(args.config),
+        "--seed_everything",
+        str(args.seed),
+        "--trainer.default_root_dir",
+        str(args.run_dir),
+        "--data.root",
+        str(args.root),
+        "--data.captions",
+        str(captions_file),
+    ]
+    if args.steps:
+        argv += ["--trainer.max_steps", str(args.steps)]
+    if args.size == "small":
+        argv += ["--trainer.val_check_interval", str(args.steps or 20), "--data.batch_size", "32"]
+    cli = fit(argv)
+    steps = cli.trainer.global_step
+    return model_dir, f"{steps} steps, exported to {model_dir}"
+
+
+def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, dict], str]:
+    from csmcir.data.captions import load_captions
+    from csmcir.data.registry import load_split
+    from csmcir.evaluation.runner import evaluate as evaluate_model
+    from csmcir.model import CSMCIR
+
+    split = load_split("synthcir", args.root, "test")
+    captions = load_captions(args.root / "mcot_captions.json")
+    trained = CSMCIR.from_pretrained(model_dir).eval()
+    # The untrained baseline: same architecture and tokenizer, fresh random weights.
+    torch.manual_seed(args.seed)
+    untrained = CSMCIR(trained.config, trained.tokenizer).eval()
+    table = {
+        "trained": evaluate_model(trained, split, captions, cache_dir=None),
+        "untrained": evaluate_model(untrained, split, captions, cache_dir=None),
+        "chance": chance(split),
+    }
+    r = table["trained"]
+    summary = f"R@1 {r['R@1']:.1f}, R@10 {r['R@10']:.1f}, Rsubset@1 {r['Rsubset@1']:.1f}"
+    return table, summary + f" over {len(split.queries)} queries, {len(split.gallery)} images"
+
+
+def chance(split) -> dict[str, float]:
+    """Expected recall of a random ranking: K of the gallery (reference removed), K of a subset."""
+    n = len(split.gallery) - 1
+    sub = [len(q.subset) - 1 for q in split.queries]
+    row = {f"R@{k}": 100 * min(k, n) / n for k in (1, 5, 10, 50)}
+    for k in (1, 2, 3):
+        row[f"Rsubset@{k}"] = 100 * sum(min(k, s) / s for s in sub) / len(sub)
+    row["Avg"] = (row["R@5"] + row["Rsubset@1"]) / 2
+    return row
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    head = f"{'model':<10}" + "".join(f"{c:>11}" for c in METRIC_COLUMNS)
+    rows = [head, "-" * len(head)]
+    for name, metrics in table.items():
+        rows.append(f"{name:<10}" + "".join(f"{metrics[c]:>11.1f}" for c in METRIC_COLUMNS))
+    return "\n".join(rows)
+
+
+def build_index(args: argparse.Namespace, model_dir: Path) -> tuple[Path, str]:
+    from csmcir.data.captions import load_captions
+    from csmcir.data.registry import load_split
+    from csmcir.model import CSMCIR
+    from csmcir.retrieval.index import GalleryIndex
+
+    split = load_split("synthcir", args.root, "test")
+    model = CSMCIR.from_pretrained(model_dir)
+    images = {g: split.image_path(g) for g in split.gallery}
+    index = GalleryIndex.build(model, images, load_captions(args.root / "mcot_captions.json"))
+    out = args.run_dir / "index"
+    index.save(out)
+    return out, f"{len(index):,} images, exact inner product, saved to {out}"
+
+
+def example_search(
+    args: argparse.Namespace, model_dir: Path, index_dir: Path, pictures: Path
+) -> tuple[Path, str]:
+    from csmcir.data.images import load_image
+    from csmcir.data.registry import load_split
+    from csmcir.model import CSMCIR
+    from csmcir.retrieval.grid import GridItem, save_grid
+    from csmcir.retrieval.index import GalleryIndex
+
+    split = load_split("synthcir", args.root, "test")
+    query = random.Random(args.seed).choice(split.queries)
+    model = CSMCIR.from_pretrained(model_dir).eval()
+    index = GalleryIndex.load(index_dir, model)
+    reference = load_image(split.image_path(query.reference))
+    text = split.eval_text(query)
+    q = model.encode_query([text], pixel_values=model.preprocess([reference]))
+    hits = index.search(q.detach(), k=11)
+    ranked = [(i, s) for i, s in zip(hits.ids[0], hits.scores[0], strict=False)]
+    ranked = [(i, s) for i, s in ranked if i != query.reference][:10]  # CIRR protocol
+    items = [GridItem(i, index.path_of(i), float(s)) for i, s in ranked]
+    path = save_grid(pictures / "retrieval_grid.png", reference, text, items, target=query.target)
+    rank = next((r for r, (i, _) in enumerate(ranked, 1) if i == query.target), None)
+    found = f"target at rank {rank}" if rank else "target not in the top 10"
+    return path, f'"{text}": {found}; grid in {path}'
+
+
+def embedding_plot(args: argparse.Namespace, model_dir: Path, pictures: Path) -> tuple[Path, str]:
+    from csmcir.plots.cli import main as plot_main
+
+    out = pictures / "embeddings.png"
+    root = str(args.root)
+    captions = str(args.root / "mcot_captions.json")
+    common = ["--benchmark", "synthcir", "--root", root, "--split", "test", "--captions", captions]
+    plot_main(["embeddings", "--model", str(model_dir), *common, "--out", str(out)])
+    return out, f"t-SNE of reference, query and target embeddings in {out}"
