@@ -17,7 +17,8 @@ def test_quickstart_small(tmp_path, capsys):
     for stage in range(1, 8):
         assert f"[{stage}/7]" in out
     table = out.split("Synthetic test split")[1]
-    assert [line.split()[0] for line in table.splitlines()[3:6]] == ["trained", "untrained", "chance"]
+    rows = [line.split()[0] for line in table.splitlines()[3:6]]
+    assert rows == ["trained", "untrained", "chance"]
     grid = run_dir / "quickstart" / "retrieval_grid.png"
     plot = run_dir / "quickstart" / "embeddings.png"
     with Image.open(grid) as g, Image.open(plot) as p:
