@@ -392,6 +392,29 @@ def test_training_hook_reads_before_it_writes_and_waits_for_start_step() -> None
     assert torch.isfinite(info_nce(q @ t.T, 1.0, **kwargs))
 
 
+@pytest.mark.parametrize("selection", ["all", "random", "hardest", "entropy"])
+def test_hook_write_before_backward_keeps_the_graph_valid(selection: str) -> None:
+    """The hook writes this batch into the ring buffer before the loss's backward pass; the
+    read must not leave autograd holding the buffer it overwrites (it did for ``all``)."""
+    bank = make_bank(size=2, selection=selection, top_k=1)
+    bank.write(unit(45.0, 135.0), ids(7, 8), step=0)
+    q = unit(0.0, 90.0).requires_grad_()
+    t = unit(10.0, 80.0)
+    hook = {
+        "queries": q,
+        "targets": t,
+        "in_batch_logits": q @ t.T,
+        "target_keys": ids(1, 2),
+        "reference_keys": ids(3, 4),
+        "temperature": torch.tensor(1.0),
+    }
+    extra = bank.extra_negatives(step=1, **hook)
+    assert bank.ids.tolist() == [1, 2]  # the write overwrote both slots
+    kwargs = {k: v for k, v in extra.items() if k != "stats"}
+    info_nce(q @ t.T, 1.0, **kwargs).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 def test_mean_pairwise_cosine_hand_cases() -> None:
     assert mean_pairwise_cosine(torch.eye(3)).item() == pytest.approx(0.0)
     assert mean_pairwise_cosine(torch.ones(4, 2)).item() == pytest.approx(1.0)

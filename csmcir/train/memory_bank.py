@@ -295,7 +295,9 @@ class MemoryBank(nn.Module):
         live = self.live_mask(step)
         n_live = int(live.sum())
         b = q.shape[0]
-        full = q.float() @ self.embeddings.T if c.selection == "all" else None
+        # ``all`` multiplies by the whole buffer; the copy keeps autograd's saved operand intact
+        # when this step's write overwrites the ring buffer before the backward pass.
+        full = q.float() @ self.embeddings.clone().T if c.selection == "all" else None
         with torch.no_grad():
             cos_all = full.detach() if full is not None else q.detach().float() @ self.embeddings.T
             false_neg = self.ids[None, :] == target_ids[:, None]
