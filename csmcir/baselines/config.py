@@ -8,12 +8,11 @@ so an exported folder rebuilds the exact architecture without the original check
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from csmcir.errors import ConfigError
-from csmcir.model.config import PRECISIONS, ImageConfig, _build
+from csmcir.model.config import PRECISIONS, ImageConfig, JSONConfig, _build
 
 MODEL_TYPE = "clip4cir"
 TOKENIZERS = ("wordpiece", "open_clip")
@@ -22,7 +21,7 @@ HUB_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
 
 
 @dataclass
-class CLIP4CirConfig:
+class CLIP4CirConfig(JSONConfig):
     """Everything needed to rebuild the baseline (CLIP architecture, combiner, preprocessing).
 
     Attributes:
@@ -41,6 +40,8 @@ class CLIP4CirConfig:
         preset: the preset it came from, for the record.
         model_type: always ``clip4cir``; tells saved configs apart from CSMCIR's.
     """
+
+    LABEL = "baseline"
 
     clip: dict[str, Any]
     projection_dim: int
@@ -111,38 +112,3 @@ class CLIP4CirConfig:
     @property
     def freeze_vision(self) -> bool:
         return not self.train_image_encoder
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["image"]["mean"] = list(self.image.mean)
-        data["image"]["std"] = list(self.image.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CLIP4CirConfig:
-        """Build from JSON data; an unknown or missing key is a ConfigError naming it."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"baseline config: expected an object, got {type(data).__name__}")
-        return _build(cls, data, "")
-
-    def replace(self, **overrides: Any) -> CLIP4CirConfig:
-        """A copy with fields changed; ``clip`` and ``image`` are merged key by key (deeply)."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            if key not in data:
-                raise ConfigError(f"unknown baseline option {key!r}; known: {', '.join(data)}")
-            if isinstance(data[key], dict) and isinstance(value, dict):
-                data[key] = _merge(data[key], value)
-            else:
-                data[key] = value
-        return CLIP4CirConfig.from_dict(data)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from csmcir.errors import ConfigError
 
@@ -49,8 +49,54 @@ class ImageConfig:
             raise ConfigError("model config: image.mean and image.std need 3 values, std > 0")
 
 
+class JSONConfig:
+    """JSON round trip and checked overrides shared by the model config dataclasses.
+
+    ``LABEL`` (model, baseline) names the config in error messages; dict-valued fields are
+    merged key by key (deeply) by :meth:`replace`, so overriding one setting keeps its siblings.
+    """
+
+    LABEL = "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data["image"]["mean"] = list(self.image.mean)  # type: ignore[attr-defined]
+        data["image"]["std"] = list(self.image.std)  # type: ignore[attr-defined]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from JSON data; an unknown or missing key is a ConfigError naming it."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.LABEL} config: expected an object, got {type(data).__name__}")
+        return _build(cls, data, "")
+
+    def replace(self, **overrides: Any) -> Self:
+        """A copy with fields changed; dict fields are merged key by key."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if key not in data:
+                known = ", ".join(data)
+                raise ConfigError(f"unknown {self.LABEL} option {key!r}; known: {known}")
+            if isinstance(data[key], dict) and isinstance(value, dict):
+                data[key] = _merge(data[key], value)
+            else:
+                data[key] = value
+        return type(self).from_dict(data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass
-class CSMCIRConfig:
+class CSMCIRConfig(JSONConfig):
     """Everything needed to rebuild the encoder (architecture, switches, preprocessing).
 
     Attributes:
@@ -71,6 +117,8 @@ class CSMCIRConfig:
         max_text_length: texts are truncated to this many tokens, [CLS] and [SEP] included.
         image: preprocessing, see :class:`ImageConfig`.
     """
+
+    LABEL = "model"
 
     vision: dict[str, Any]
     qformer: dict[str, Any]
@@ -105,31 +153,6 @@ class CSMCIRConfig:
                 f"model config: max_text_length {self.max_text_length} exceeds the Q-Former's "
                 f"max_position_embeddings {max_positions}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["image"]["mean"] = list(self.image.mean)
-        data["image"]["std"] = list(self.image.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CSMCIRConfig:
-        """Build from JSON data; an unknown or missing key is a ConfigError naming it."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config: expected an object, got {type(data).__name__}")
-        return _build(cls, data, "")
-
-    def replace(self, **overrides: Any) -> CSMCIRConfig:
-        """A copy with fields changed; dict fields (vision, qformer, image) are merged."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            if key not in data:
-                raise ConfigError(f"unknown model option {key!r}; known: {', '.join(data)}")
-            if isinstance(data[key], dict) and isinstance(value, dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return CSMCIRConfig.from_dict(data)
 
 
 def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
