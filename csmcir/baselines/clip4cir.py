@@ -28,6 +28,7 @@ from csmcir.baselines.combiner import Combiner
 from csmcir.baselines.config import MODEL_TYPE, CLIP4CirConfig
 from csmcir.baselines.text import TextTokenizer
 from csmcir.errors import ConfigError
+from csmcir.model.encoder import vision_from_inputs
 from csmcir.model.fingerprint import tensor_fingerprint
 from csmcir.model.transforms import ImageTransform
 
@@ -196,18 +197,16 @@ class CLIP4Cir(nn.Module):
         images: Sequence[Image.Image] | None,
     ) -> torch.Tensor:
         """``[B, D]`` L2-normalised CLIP image features from exactly one kind of input."""
-        given = [x is not None for x in (pixel_values, vision_features, images)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of pixel_values, vision_features or images")
-        if images is not None:
-            pixel_values = self.preprocess(images)
-        if pixel_values is not None:
-            vision_features = self.vision_features(pixel_values)
+        features = vision_from_inputs(self, pixel_values, vision_features, images)
+        return F.normalize(features[:, 0].to(self.device, torch.float32), dim=-1)
+
+    def check_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Given (cached) features must be CLIP's pooled ``[B, 1, D]`` image embedding."""
         expected = (1, self.config.embed_dim)
-        if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
-            shape = tuple(vision_features.shape)
+        if features.dim() != 3 or tuple(features.shape[1:]) != expected:
+            shape = tuple(features.shape)
             raise ValueError(f"vision_features must be [B, 1, {expected[1]}], got {shape}")
-        return F.normalize(vision_features[:, 0].to(self.device, torch.float32), dim=-1)
+        return features
 
     def _combine(
         self, texts: Sequence[str], image: torch.Tensor

@@ -98,6 +98,27 @@ class QFormerTower(nn.Module):
         return F.normalize(self.vision_projection(hidden).float(), dim=-1)
 
 
+def vision_from_inputs(
+    model,
+    pixel_values: torch.Tensor | None,
+    vision_features: torch.Tensor | None,
+    images: Sequence[Image.Image] | None,
+) -> torch.Tensor:
+    """The vision features of exactly one kind of input: PIL images, pixels or given features.
+
+    Shared by every encoder with the project's model API (CSMCIR, the CLIP4Cir baseline): the
+    model supplies ``preprocess``, ``vision_features`` and ``check_vision_features``.
+    """
+    given = [x is not None for x in (pixel_values, vision_features, images)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of pixel_values, vision_features or images")
+    if images is not None:
+        pixel_values = model.preprocess(images)
+    if pixel_values is not None:
+        return model.vision_features(pixel_values)
+    return model.check_vision_features(vision_features)
+
+
 class CSMCIR(nn.Module):
     """The encoder of queries and targets (see the module docstring and docs/model.md).
 
@@ -254,18 +275,15 @@ class CSMCIR(nn.Module):
         vision_features: torch.Tensor | None,
         images: Sequence[Image.Image] | None,
     ) -> torch.Tensor:
-        given = [x is not None for x in (pixel_values, vision_features, images)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of pixel_values, vision_features or images")
-        if images is not None:
-            pixel_values = self.preprocess(images)
-        if pixel_values is not None:
-            return self.vision_features(pixel_values)
+        return vision_from_inputs(self, pixel_values, vision_features, images)
+
+    def check_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Given (cached) features must be the ViT's ``[B, patches, hidden]`` output."""
         expected = self.config.vision["hidden_size"]
-        if vision_features.dim() != 3 or vision_features.shape[-1] != expected:
-            shape = tuple(vision_features.shape)
+        if features.dim() != 3 or features.shape[-1] != expected:
+            shape = tuple(features.shape)
             raise ValueError(f"vision_features must be [B, patches, {expected}], got {shape}")
-        return vision_features.to(self.device, torch.float32)
+        return features.to(self.device, torch.float32)
 
     # the encoder
 
