@@ -103,8 +103,10 @@ def main() -> None:
         *(f"| {b} | {t} | {r:.1f} | {1000 * b / r:.0f} |" for b, t, r in rows),
         "",
         f"Load average (1 min) of the shared machine: {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after. With other processes busy, one torch thread per "
-        "process is much faster than two: the two OpenMP threads wait for each other.",
+        f"{os.getloadavg()[0]:.1f} after. Threads matter with the load: on an idle machine two "
+        "threads gain little over one, while with other processes busy (load average about 10) "
+        "an earlier run measured one thread 5-11x faster than two, whose OpenMP threads wait for "
+        "each other; configs/synthcir.yaml uses one.",
     ]
     update_section("train_tiny", "\n".join(body))
 
