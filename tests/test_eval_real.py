@@ -7,49 +7,23 @@ The official query and gallery counts and the test-server files' shapes are chec
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
+import placeholder_data
 import pytest
 from conftest import SHARED_BENCHMARKS
-from PIL import Image
+from placeholder_data import placeholder_pngs
 
 from csmcir.cli import main as csmcir_main
 from csmcir.data.registry import load_split
 from csmcir.evaluation.submission import check_circo_file, check_cirr_file
 from csmcir.model import CSMCIR
 
-COLOURS = [
-    (200, 30, 30),
-    (30, 160, 60),
-    (40, 60, 210),
-    (230, 200, 40),
-    (120, 40, 160),
-    (20, 20, 20),
-]
-
 
 @pytest.fixture(scope="module")
 def pngs() -> list[bytes]:
-    out = []
-    for colour in COLOURS:
-        buf = io.BytesIO()
-        Image.new("RGB", (2, 2), colour).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def write_images(paths, pngs: list[bytes]) -> None:
-    for i, path in enumerate(sorted(paths)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pngs[i % len(pngs)])
-
-
-def link(root: Path, source: Path, *names: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (root / name).symlink_to(source / name, target_is_directory=True)
+    return placeholder_pngs()
 
 
 @pytest.fixture(scope="module")
@@ -71,28 +45,12 @@ def model_dir(shared: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cirr_root(shared: Path, tmp_path_factory, pngs) -> Path:
-    root = tmp_path_factory.mktemp("cirr")
-    link(root, shared / "cirr", "captions", "image_splits")
-    for split in ("val", "test1"):
-        mapping = json.loads((root / f"image_splits/split.rc2.{split}.json").read_text())
-        write_images([root / rel for rel in mapping.values()], pngs)
-    return root
+    return placeholder_data.cirr_root(tmp_path_factory.mktemp("cirr"), shared, pngs)
 
 
 @pytest.fixture(scope="module")
 def circo_root(shared: Path, tmp_path_factory, pngs) -> Path:
-    root = tmp_path_factory.mktemp("circo")
-    link(root, shared / "circo", "annotations")
-    ids = set()
-    for split in ("val", "test"):
-        for rec in json.loads((root / f"annotations/{split}.json").read_text()):
-            ids |= {rec["reference_img_id"], *rec.get("gt_img_ids", ())}
-    coco = root / "COCO2017_unlabeled"
-    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in sorted(ids)]
-    (coco / "annotations").mkdir(parents=True)
-    (coco / "annotations/image_info_unlabeled2017.json").write_text(json.dumps({"images": images}))
-    write_images([coco / "unlabeled2017" / im["file_name"] for im in images], pngs)
-    return root
+    return placeholder_data.circo_root(tmp_path_factory.mktemp("circo"), shared, pngs)
 
 
 def run_eval(model_dir: Path, tmp_path: Path, *args: str) -> dict:
@@ -104,12 +62,7 @@ def run_eval(model_dir: Path, tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_fashioniq_val_all_categories(shared, model_dir, tmp_path, pngs):
-    root = tmp_path / "fashioniq"
-    link(root, shared / "fashioniq", "captions", "image_splits")
-    names = set()
-    for cat in ("dress", "shirt", "toptee"):
-        names |= set(json.loads((root / f"image_splits/split.{cat}.val.json").read_text()))
-    write_images([root / "images" / f"{n}.png" for n in names], pngs)
+    root = placeholder_data.fashioniq_root(tmp_path / "fashioniq", shared, pngs)
 
     results = run_eval(model_dir, tmp_path, "--benchmark", "fashioniq", "--root", str(root))
     counts = {k: (v["queries"], v["gallery"]) for k, v in results["data"]["splits"].items()}

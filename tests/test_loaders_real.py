@@ -6,50 +6,26 @@ written as the same tiny PNG, so the counts are the official ones and the image 
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
 
+import placeholder_data
 import pytest
-from PIL import Image
+from placeholder_data import placeholder_pngs
 
 from csmcir.data.registry import load_split
 from csmcir.errors import DataError
 
 
 @pytest.fixture(scope="module")
-def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def link(root: Path, source: Path, *names: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (root / name).symlink_to(source / name, target_is_directory=True)
-
-
-def write_all(paths, data: bytes) -> int:
-    n = 0
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        n += 1
-    return n
+def pngs() -> list[bytes]:
+    return placeholder_pngs()
 
 
 @pytest.fixture
-def fiq_root(shared_benchmarks: Path, tmp_path: Path, png_bytes: bytes) -> Path:
-    root = tmp_path / "fashioniq"
-    link(root, shared_benchmarks / "fashioniq", "captions", "image_splits")
-    names = set()
-    for cat in ("dress", "shirt", "toptee"):
-        names |= set(json.loads((root / f"image_splits/split.{cat}.val.json").read_text()))
-    (root / "images").mkdir()
-    write_all((root / "images" / f"{n}.png" for n in names), png_bytes)
-    return root
+def fiq_root(shared_benchmarks: Path, tmp_path: Path, pngs) -> Path:
+    return placeholder_data.fashioniq_root(tmp_path / "fashioniq", shared_benchmarks, pngs)
 
 
 def test_fashioniq_val_official_counts(fiq_root: Path):
@@ -73,24 +49,18 @@ def test_fashioniq_val_keeps_the_three_empty_captions(fiq_root: Path):
     assert all(t.startswith(" and ") for t in empty)
 
 
-def test_fashioniq_test_captions_have_no_target(shared_benchmarks: Path, tmp_path: Path, png_bytes):
-    root = tmp_path / "fiq"
-    link(root, shared_benchmarks / "fashioniq", "captions", "image_splits")
+def test_fashioniq_test_captions_have_no_target(shared_benchmarks: Path, tmp_path: Path, pngs):
+    options = {"splits": ("test",), "categories": ("dress",), "ext": "jpg"}
+    root = placeholder_data.fashioniq_root(tmp_path / "fiq", shared_benchmarks, pngs, **options)
     names = json.loads((root / "image_splits/split.dress.test.json").read_text())
-    write_all((root / "images" / f"{n}.jpg" for n in names), png_bytes)
     split = load_split("fashioniq", root, "test", category="dress")
     assert len(split.queries) == 2024 and not split.has_targets
     assert split.image_paths[names[0]].suffix == ".jpg"
 
 
 @pytest.fixture
-def cirr_root(shared_benchmarks: Path, tmp_path: Path, png_bytes: bytes) -> Path:
-    root = tmp_path / "cirr"
-    link(root, shared_benchmarks / "cirr", "captions", "image_splits")
-    for split in ("val", "test1"):
-        rel = json.loads((root / f"image_splits/split.rc2.{split}.json").read_text())
-        write_all((root / p for p in rel.values()), png_bytes)
-    return root
+def cirr_root(shared_benchmarks: Path, tmp_path: Path, pngs) -> Path:
+    return placeholder_data.cirr_root(tmp_path / "cirr", shared_benchmarks, pngs)
 
 
 def test_cirr_val_and_test1_official_counts(cirr_root: Path):
@@ -128,19 +98,8 @@ def test_cirr_drop_missing_counts_and_writes_the_list(cirr_root: Path, tmp_path:
 
 
 @pytest.fixture
-def circo_root(shared_benchmarks: Path, tmp_path: Path, png_bytes: bytes) -> Path:
-    root = tmp_path / "circo"
-    link(root, shared_benchmarks / "circo", "annotations")
-    ids = set()
-    for split in ("val", "test"):
-        for rec in json.loads((root / f"annotations/{split}.json").read_text()):
-            ids |= {rec["reference_img_id"], *rec.get("gt_img_ids", ())}
-    coco = root / "COCO2017_unlabeled"
-    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in sorted(ids)]
-    (coco / "annotations").mkdir(parents=True)
-    (coco / "annotations/image_info_unlabeled2017.json").write_text(json.dumps({"images": images}))
-    write_all((coco / "unlabeled2017" / im["file_name"] for im in images), png_bytes)
-    return root
+def circo_root(shared_benchmarks: Path, tmp_path: Path, pngs) -> Path:
+    return placeholder_data.circo_root(tmp_path / "circo", shared_benchmarks, pngs)
 
 
 def test_circo_val_several_ground_truths(circo_root: Path):

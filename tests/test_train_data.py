@@ -205,33 +205,25 @@ def test_summarise_names_and_combines_the_figures():
 
 @pytest.mark.slow
 def test_fashioniq_trains_on_the_union_and_validates_per_category(shared_benchmarks, tmp_path):
-    """The real FashionIQ annotation files, one placeholder PNG hard-linked for every image."""
+    """The real FashionIQ annotation files with a placeholder PNG for every image."""
     import json
-    import os
+
+    import placeholder_data
+    from placeholder_data import placeholder_pngs
 
     from csmcir.data.fashioniq import train_forms
     from csmcir.model import CSMCIR
 
-    source = shared_benchmarks / "fashioniq"
-    root = tmp_path / "fashioniq"
-    root.mkdir()
-    for name in ("captions", "image_splits"):
-        (root / name).symlink_to(source / name, target_is_directory=True)
-    ids: set[str] = set()
+    root = placeholder_data.fashioniq_root(
+        tmp_path / "fashioniq", shared_benchmarks, placeholder_pngs(), splits=("train", "val")
+    )
     counts = {}
     for category in ("dress", "shirt", "toptee"):
         for split in ("train", "val"):
-            records = json.loads((source / f"captions/cap.{category}.{split}.json").read_text())
-            gallery = json.loads(
-                (source / f"image_splits/split.{category}.{split}.json").read_text()
-            )
+            records = json.loads((root / f"captions/cap.{category}.{split}.json").read_text())
+            gallery = json.loads((root / f"image_splits/split.{category}.{split}.json").read_text())
             counts[category, split] = (len(records), len(gallery))
-            ids |= set(gallery) | {r[k] for r in records for k in ("candidate", "target")}
-    (root / "images").mkdir()
-    placeholder = tmp_path / "placeholder.png"
-    Image.new("RGB", (4, 4), (200, 10, 10)).save(placeholder)
-    for image_id in ids:
-        os.link(placeholder, root / "images" / f"{image_id}.png")
+    ids = {p.stem for p in (root / "images").iterdir()}
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({i: "a garment" for i in ids}))
 
