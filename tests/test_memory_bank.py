@@ -31,6 +31,7 @@ def make_bank(dim: int = 2, **overrides: object) -> MemoryBank:
         "max_age": None,
         "logit_offset": 0.0,
         "exclude_reference": False,
+        "open_entropy": None,
     }
     options.update(overrides)
     return MemoryBank(MemoryBankConfig(**options), dim=dim)
@@ -328,7 +329,7 @@ def test_state_dict_round_trip_through_a_checkpoint() -> None:
     restored = torch.nn.Module()
     restored.bank = MemoryBank(MemoryBankConfig(**vars(config)), dim=4)
     restored.load_state_dict(torch.load(buf, weights_only=True))
-    for name in ("embeddings", "ids", "written", "cursor", "entropy_ema"):
+    for name in ("embeddings", "ids", "written", "cursor", "entropy_ema", "opened_at"):
         assert torch.equal(getattr(parent.bank, name), getattr(restored.bank, name)), name
     q = F.normalize(torch.randn(2, 4), dim=-1)
     a = parent.bank.negatives(q, q, torch.randn(2, 2), ids(0, 1), None, step=4, temperature=0.1)
@@ -352,6 +353,8 @@ def test_loading_a_bank_of_another_size_names_the_knob() -> None:
         ({"logit_offset": "big"}, "bank.logit_offset"),
         ({"size": 0}, "bank.size"),
         ({"staleness": "exp", "tau_age": 0.0}, "bank.tau_age"),
+        ({"open_entropy": 0.0}, "bank.open_entropy"),
+        ({"open_entropy": 1.5}, "bank.open_entropy"),
     ],
 )
 def test_bad_config_names_the_key(overrides: dict[str, object], key: str) -> None:
@@ -366,6 +369,29 @@ def test_disabled_by_default_and_start_step() -> None:
     assert not MemoryBank(MemoryBankConfig(), dim=2).active(100)
 
 
+def test_entropy_gate_stays_shut_while_uncertain_then_latches_open() -> None:
+    bank = make_bank(size=8, selection="hardest", top_k=2, open_entropy=0.5, entropy_momentum=0.0)
+    q = unit(0.0, 90.0)
+    hook = {
+        "queries": q,
+        "targets": q,
+        "target_keys": ids(1, 2),
+        "reference_keys": ids(3, 4),
+        "temperature": torch.tensor(1.0),
+    }
+    uniform, confident = torch.zeros(2, 2), torch.tensor([[20.0, 0.0], [0.0, 20.0]])
+    shut = bank.extra_negatives(**hook, in_batch_logits=uniform, step=0)
+    assert set(shut) == {"stats"} and shut["stats"]["bank/open"] == 0.0
+    assert float(shut["stats"]["bank/entropy"]) == pytest.approx(1.0)
+    assert int(bank.opened_at) == EMPTY and not bool((bank.written != EMPTY).any())  # no write
+    opened = bank.extra_negatives(**hook, in_batch_logits=confident, step=1)
+    assert opened["stats"]["bank/open"] == 1.0 and int(bank.opened_at) == 1
+    again = bank.extra_negatives(**hook, in_batch_logits=uniform, step=2)  # H back at 1: latched
+    assert again["stats"]["bank/open"] == 1.0 and "extra_logits" in again
+    assert int(bank.opened_at) == 1
+    assert MemoryBankConfig().open_entropy == 0.6  # shut at random init by default
+
+
 # ---------------------------------------------------------------- helpers and diagnostics
 def test_training_hook_reads_before_it_writes_and_waits_for_start_step() -> None:
     bank = make_bank(size=8, selection="hardest", top_k=2, start_step=2)
@@ -378,7 +404,7 @@ def test_training_hook_reads_before_it_writes_and_waits_for_start_step() -> None
         "reference_keys": ids(3, 4),
         "temperature": torch.tensor(1.0),
     }
-    assert bank.extra_negatives(step=1, **hook) == {}
+    assert set(bank.extra_negatives(step=1, **hook)) == {"stats"}  # no negatives
     assert (bank.written == EMPTY).all()  # nothing written before start_step...
     assert bank.entropy_ema.item() < 1.0  # ...but the entropy clock runs
     first = bank.extra_negatives(step=2, **hook)

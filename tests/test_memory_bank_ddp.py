@@ -24,8 +24,9 @@ CONFIG = {
     "min_age": 1,
     "max_age": 4,
     "entropy_momentum": 0.5,
+    "open_entropy": None,  # open from the first step, so the replay below can write every batch
 }
-STATE = ("embeddings", "ids", "written", "cursor", "entropy_ema")
+STATE = ("embeddings", "ids", "written", "cursor", "entropy_ema", "opened_at")
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,6 +77,7 @@ def test_both_ranks_hold_identical_banks(tmp_path: Path) -> None:
         parts = [batch(r, step) for r in range(WORLD)]
         if step < STEPS:
             replay.observe(torch.cat([q @ t.T / TAU for q, t, _ in parts]))
+            assert replay.active(step)
             replay.evict(step)
         t_all = torch.cat([t for _, t, _ in parts])
         replay.write(t_all, torch.cat([ids for _, _, ids in parts]), step, gather=False)

@@ -76,6 +76,11 @@ class MemoryBankConfig:
     None is off."""
     start_step: int = 0
     """First global step at which the bank is read and written."""
+    open_entropy: float | None = 0.6
+    """The bank opens (and stays open) once the entropy EMA has fallen to this. A randomly
+    initialised shared encoder starts collapsed (H near 1): detached negatives then take over the
+    softmax and drag the whole output cloud away, so the bank waits until in-batch training has
+    made the model confident. None: open from ``start_step``."""
     probe_every: int = 20
     """Steps between probe-set drift measurements; 0 switches the probe off."""
     probe_size: int = 64
@@ -108,6 +113,8 @@ class MemoryBankConfig:
             raise bad("logit_offset", f"must be a number or 'auto', got {self.logit_offset!r}")
         if self.max_share is not None and not 0.0 < self.max_share < 1.0:
             raise bad("max_share", f"must be in (0, 1) or null, got {self.max_share}")
+        if self.open_entropy is not None and not 0.0 < self.open_entropy <= 1.0:
+            raise bad("open_entropy", f"must be in (0, 1] or null, got {self.open_entropy}")
         if self.probe_every < 0 or self.probe_size < 1:
             raise bad("probe_every", "probe_every must be >= 0 and probe_size >= 1")
 
@@ -202,6 +209,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("written", torch.full((config.size,), EMPTY, dtype=torch.long))
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
         self.register_buffer("entropy_ema", torch.ones(()))
+        self.register_buffer("opened_at", torch.full((), EMPTY, dtype=torch.long))
         self._probe: Tensor | None = None  # last probe snapshot; diagnostic only, not checkpointed
 
     @classmethod
@@ -216,7 +224,17 @@ class MemoryBank(nn.Module):
         return cls(config, model.config.embed_dim)
 
     def active(self, step: int) -> bool:
-        return self.config.enabled and step >= self.config.start_step
+        """Whether the bank is read and written at ``step``; the entropy gate latches open the
+        first time it is checked with the EMA at or below ``open_entropy`` (call after
+        ``observe``). Under DDP the EMA is the same on every rank, and so is the answer."""
+        c = self.config
+        if not c.enabled or step < c.start_step:
+            return False
+        if int(self.opened_at) == EMPTY:
+            if c.open_entropy is not None and float(self.entropy_ema) > c.open_entropy:
+                return False
+            self.opened_at.fill_(step)
+        return True
 
     # ---------------------------------------------------------------- temporal window
     @torch.no_grad()
@@ -338,6 +356,7 @@ class MemoryBank(nn.Module):
                 "bank/mean_age": (self.ages(step) * live).sum().float() / max(n_live, 1),
                 "bank/window": share.new_tensor(window if math.isfinite(window) else -1.0),
                 "bank/entropy": self.entropy_ema.detach().clone(),
+                "bank/open": 1.0,
                 "bank/share": share.mean(),
                 "bank/offset": share.new_tensor(offset),
                 "bank/negatives": keep.sum(dim=-1).float().mean(),
@@ -385,10 +404,11 @@ class MemoryBank(nn.Module):
     ) -> dict[str, Any]:
         """One training step's use of the bank (``train.module.NegativeSource``): update the
         entropy clock, return this batch's negatives as ``info_nce`` keyword arguments plus
-        ``stats``, then write the (all-gathered) targets. Before ``start_step``: nothing."""
+        ``stats``, then write the (all-gathered) targets. While the bank is shut (before
+        ``start_step`` or the entropy gate): the entropy clock only."""
         self.observe(in_batch_logits)
         if not self.active(step):
-            return {}
+            return {"stats": {"bank/entropy": self.entropy_ema.detach().clone(), "bank/open": 0.0}}
         neg = self.negatives(
             queries, targets, in_batch_logits, target_keys, reference_keys, step, temperature
         )
