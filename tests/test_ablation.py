@@ -182,11 +182,20 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
     }
     assert {banks[n].get("window", "entropy") for n in bank_rows} == {"fixed", "entropy"}
     assert rows["clip4cir"].fit_config == Path("configs/synthcir_clip4cir.yaml")
-    # every bank setting runs from scratch and fine-tuned from the one shared start (no-bank)
+    # every bank setting runs from scratch and fine-tuned from the one shared start (no-bank),
+    # the fine-tuning rows all on the memory-bank protocol (docs/memory_bank.md)
+    protocol = {
+        "trainer.max_steps": 1000,
+        "data.batch_size": 32,
+        "model.lr": 1.0e-4,
+        "model.warmup_steps": 0,
+    }
     for name in ("no-bank", "full", "bank-random", "bank-select-entropy", "bank-window-fixed"):
         scratch, tuned = rows[name], rows[f"ft-{name}"]
         assert scratch.init_from is None and tuned.init_from == "no-bank"
-        assert tuned.overrides == scratch.overrides and tuned.captions == scratch.captions
+        assert tuned.overrides == {**scratch.overrides, **protocol}
+        assert tuned.captions == scratch.captions
+        assert set(tuned.changes_budget) == {"trainer.max_steps", "data.batch_size"}
 
 
 def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
