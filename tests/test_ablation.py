@@ -196,6 +196,8 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
         assert tuned.overrides == {**scratch.overrides, **protocol}
         assert tuned.captions == scratch.captions
         assert set(tuned.changes_budget) == {"trainer.max_steps", "data.batch_size"}
+    assert rows["full"].compare_to == "no-bank" and rows["ft-full"].compare_to == "ft-no-bank"
+    assert config.eval.paired == "Avg"
 
 
 def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
@@ -319,6 +321,55 @@ def test_table_gives_mean_and_sample_std_and_lists_failures(tmp_path, fit_yaml):
     assert "| 0/1 | failed | failed |" in rows[2] and "seed 0 failed (train): boom" in rows[2]
     assert "budget changed: trainer.max_steps=9" in rows[3]
     assert "Command: `csmcir ablate --config x.yaml`" in text and "test machine" in text
+
+
+def test_paired_differences_subtract_the_same_seed_and_count_signs(tmp_path, fit_yaml):
+    rows = [
+        {"name": "base"},
+        {"name": "worse", "compare_to": "base"},
+        {"name": "better", "extends": "worse", "compare_to": "base"},
+        {"name": "lonely", "compare_to": "base"},
+        {"name": "plain", "extends": "worse"},  # compare_to is the row's own, not inherited
+    ]
+    config = load(tmp_path, base_config(fit_yaml, rows))
+    assert config.variant("plain").compare_to is None
+    records = [
+        ok_record("base", 0, 0.0, 50.0),
+        ok_record("base", 1, 0.0, 10.0),
+        ok_record("base", 2, 0.0, 30.0),
+        ok_record("worse", 0, 0.0, 47.0),  # -3
+        ok_record("worse", 1, 0.0, 9.0),  # -1
+        failed_record("worse", 2, "boom"),
+        ok_record("better", 0, 0.0, 52.0),  # +2
+        ok_record("better", 1, 0.0, 13.0),  # +3
+        ok_record("better", 2, 0.0, 29.0),  # -1
+        failed_record("lonely", 0, "boom"),
+        ok_record("plain", 0, 0.0, 1.0),
+    ]
+    table = summarise(config, config.variants, [0, 1, 2], records)
+    base, worse, better, lonely, plain = table["rows"]
+    assert base["paired"] is None and plain["paired"] is None
+    assert lonely["paired"]["mean"] is None and lonely["paired"]["values"] == {}
+    assert worse["paired"]["metric"] == "Avg" and worse["paired"]["against"] == "base"
+    assert worse["paired"]["values"] == {"0": -3.0, "1": -1.0}  # seed 2 failed: not paired
+    assert worse["paired"]["mean"] == -2.0 and worse["paired"]["std"] == pytest.approx(2**0.5)
+    assert (worse["paired"]["lower"], worse["paired"]["higher"]) == (2, 0)
+    assert better["paired"]["mean"] == pytest.approx(4 / 3) and better["paired"]["higher"] == 2
+    text = markdown(table, "c", "m")
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert "| Avg | paired Δ Avg | train s |" in header
+    assert "| -2.0 ± 1.4 vs base (2 of 2 lower) |" in text
+    assert "| 1.3 ± 2.1 vs base (2 of 3 higher) |" in text
+    assert "no seed of both rows finished (vs base)" in text
+    # the paired row was not run at all (--variants without it)
+    alone = summarise(config, [config.variant("worse")], [0], [ok_record("worse", 0, 0.0, 1.0)])
+    assert "its compare_to row was not run" in markdown(alone, "c", "m")
+    with pytest.raises(ConfigError, match=r"variants\.a\.compare_to: no other variant named 'a'"):
+        load(tmp_path, base_config(fit_yaml, [{"name": "a", "compare_to": "a"}]))
+    with pytest.raises(ConfigError, match=r"eval\.paired: 'R@5' is not one of the metrics"):
+        bad = base_config(fit_yaml, rows)
+        bad["eval"]["paired"] = "R@5"
+        load(tmp_path, bad)
 
 
 def test_a_run_with_an_undeclared_budget_difference_is_flagged(tmp_path, fit_yaml):

@@ -75,6 +75,8 @@ class Variant:
     captions: str | None = None
     init_from: str | None = None
     changes_budget: tuple[str, ...] = ()
+    compare_to: str | None = None
+    """The row this one is paired with, seed by seed, in the table's paired-difference column."""
 
     def regime(self) -> str:
         return "from scratch" if self.init_from is None else f"fine-tuned from {self.init_from}"
@@ -86,6 +88,8 @@ class EvalSpec:
     weights: str = "model"
     metrics: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+    paired: str | None = None
+    """The metric of the paired-difference column (default: Avg if listed, else the first)."""
 
 
 @dataclass
@@ -299,10 +303,10 @@ def _caption_spec(name: str, spec: Any, where: str) -> CaptionSpec:
 
 def _eval_spec(value: Any, where: str) -> EvalSpec:
     value = _mapping(value, where)
-    unknown = sorted(set(value) - {"split", "weights", "metrics", "args"})
+    unknown = sorted(set(value) - {"split", "weights", "metrics", "args", "paired"})
     if unknown:
         raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key (keys: split, weights, metrics, args)"
+            f"{where}.{unknown[0]}: unknown key (keys: split, weights, metrics, args, paired)"
         )
     if "split" not in value:
         raise ConfigError(f"{where}.split is required (a split with answers, e.g. test or val)")
@@ -312,11 +316,16 @@ def _eval_spec(value: Any, where: str) -> EvalSpec:
             f"{where}.weights must be model (final weights) or best (best validation), "
             f"got {weights!r}"
         )
+    metrics = tuple(str(m) for m in value.get("metrics") or ())
+    paired = value.get("paired")
+    if paired is not None and metrics and paired not in metrics:
+        raise ConfigError(f"{where}.paired: {paired!r} is not one of the metrics ({metrics})")
     return EvalSpec(
         split=str(value["split"]),
         weights=weights,
-        metrics=tuple(str(m) for m in value.get("metrics") or ()),
+        metrics=metrics,
         args=tuple(str(a) for a in value.get("args") or ()),
+        paired=None if paired is None else str(paired),
     )
 
 
@@ -335,6 +344,7 @@ VARIANT_KEYS = {
     "captions",
     "init_from",
     "changes_budget",
+    "compare_to",
 }
 
 
@@ -365,13 +375,15 @@ def _variants(value: Any, where: str, captions: dict[str, CaptionSpec]) -> list[
             )
         if v.init_from is not None and v.init_from not in names:
             raise ConfigError(f"{at}.init_from: no variant named {v.init_from!r}")
+        if v.compare_to is not None and (v.compare_to not in names or v.compare_to == v.name):
+            raise ConfigError(f"{at}.compare_to: no other variant named {v.compare_to!r}")
     _check_no_init_cycle(variants, where)
     return variants
 
 
 def _resolve(name: str, raw: dict[str, dict[str, Any]], where: str, seen: tuple[str, ...]):
-    """A variant with what it ``extends`` filled in: every field but name and label is inherited,
-    overrides merge key by key."""
+    """A variant with what it ``extends`` filled in: every field but name, label and compare_to
+    is inherited, overrides merge key by key."""
     if name in seen:
         raise ConfigError(f"{where}.{name}.extends: a cycle ({' -> '.join((*seen, name))})")
     item = raw[name]
@@ -395,6 +407,7 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], where: str, seen: tuple[
         captions=item.get("captions", parent.captions),
         init_from=item.get("init_from", parent.init_from),
         changes_budget=tuple(changes),
+        compare_to=item.get("compare_to"),
     )
 
 

@@ -2,6 +2,9 @@
 
 Every variant run appears as a row, even when all of its seeds failed: a missing row would read as
 a result. The spread is the sample standard deviation over the seeds that finished (none for one).
+A row with ``compare_to`` also gets its paired difference: the same seed's runs subtracted, which
+removes what a seed does to every row alike (its initialisation, its data order), so an effect
+smaller than the seed spread of either row can still show, in sign, seed by seed.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def summarise(
                 "unequal_budget": _unequal(v, ok, reference),
             }
         )
+    paired = config.eval.paired or ("Avg" if "Avg" in metrics else (metrics or [None])[0])
+    by_name = {row["variant"]: row for row in rows}
+    for v, row in zip(variants, rows, strict=True):
+        row["paired"] = _paired(row, by_name.get(v.compare_to), paired) if v.compare_to else None
     return {
         "benchmark": config.benchmark,
         "config": str(config.path),
@@ -75,6 +82,40 @@ def _spread(per_seed: dict[int, float | None]) -> dict[str, Any]:
         "std": statistics.stdev(present) if len(present) > 1 else None,
         "values": {str(seed): v for seed, v in per_seed.items()},
     }
+
+
+def _paired(row: dict[str, Any], other: dict[str, Any] | None, metric: str | None) -> dict:
+    """``row - other`` on ``metric``, seed by seed, over the seeds both finished."""
+    diffs: dict[int, float] = {}
+    if other is not None and metric is not None:
+        mine, theirs = row["metrics"][metric]["values"], other["metrics"][metric]["values"]
+        for seed, value in mine.items():
+            if value is not None and theirs.get(seed) is not None:
+                diffs[int(seed)] = value - theirs[seed]
+    spread = _spread(diffs)
+    return {
+        "against": other["variant"] if other is not None else None,
+        "metric": metric,
+        **spread,
+        "higher": sum(d > 0 for d in diffs.values()),
+        "lower": sum(d < 0 for d in diffs.values()),
+    }
+
+
+def fmt_paired(paired: dict[str, Any] | None) -> str:
+    """``-3.1 ± 0.4 vs no-bank (3 of 3 lower)``; empty for a row without ``compare_to``."""
+    if paired is None:
+        return ""
+    if paired["against"] is None:
+        return "its compare_to row was not run"
+    if paired["mean"] is None:
+        return f"no seed of both rows finished (vs {paired['against']})"
+    n = len(paired["values"])
+    if paired["mean"] > 0:
+        sign = f"{paired['higher']} of {n} higher"
+    else:
+        sign = f"{paired['lower']} of {n} lower"
+    return f"{fmt(paired)} vs {paired['against']} ({sign})"
 
 
 def _reference_budget(variants: list[Variant], records: list[dict]) -> dict[str, Any] | None:
@@ -128,7 +169,10 @@ def markdown(table: dict[str, Any], command: str, machine: str) -> str:
         f"Machine: {machine}",
         "",
     ]
-    header = ["variant", "what", "regime", "seeds ok", *table["metrics"], "train s", "notes"]
+    paired = next((r["paired"]["metric"] for r in table["rows"] if r.get("paired")), None)
+    header = ["variant", "what", "regime", "seeds ok", *table["metrics"]]
+    header += [f"paired Δ {paired}"] if paired else []
+    header += ["train s", "notes"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         tried = len(row["seeds_ok"]) + len(row["seeds_failed"])
@@ -144,6 +188,7 @@ def markdown(table: dict[str, Any], command: str, machine: str) -> str:
             row["regime"],
             f"{len(row['seeds_ok'])}/{tried}",
             *(fmt(row["metrics"][m]) for m in table["metrics"]),
+            *([fmt_paired(row.get("paired"))] if paired else []),
             "" if row["train_s_mean"] is None else f"{row['train_s_mean']:.0f}",
             "; ".join(notes),
         ]
