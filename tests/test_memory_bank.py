@@ -37,6 +37,19 @@ def make_bank(dim: int = 2, **overrides: object) -> MemoryBank:
     return MemoryBank(MemoryBankConfig(**options), dim=dim)
 
 
+def hook_inputs(q: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The training hook's keyword arguments for a batch of two (targets 1, 2; references 3, 4),
+    all but the step; ``in_batch_logits`` is q t^T at temperature 1."""
+    return {
+        "queries": q,
+        "targets": t,
+        "in_batch_logits": q @ t.T,
+        "target_keys": ids(1, 2),
+        "reference_keys": ids(3, 4),
+        "temperature": torch.tensor(1.0),
+    }
+
+
 def ids(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
@@ -372,13 +385,7 @@ def test_disabled_by_default_and_start_step() -> None:
 def test_entropy_gate_stays_shut_while_uncertain_then_latches_open() -> None:
     bank = make_bank(size=8, selection="hardest", top_k=2, open_entropy=0.5, entropy_momentum=0.0)
     q = unit(0.0, 90.0)
-    hook = {
-        "queries": q,
-        "targets": q,
-        "target_keys": ids(1, 2),
-        "reference_keys": ids(3, 4),
-        "temperature": torch.tensor(1.0),
-    }
+    hook = {k: v for k, v in hook_inputs(q, q).items() if k != "in_batch_logits"}
     uniform, confident = torch.zeros(2, 2), torch.tensor([[20.0, 0.0], [0.0, 20.0]])
     shut = bank.extra_negatives(**hook, in_batch_logits=uniform, step=0)
     assert set(shut) == {"stats"} and shut["stats"]["bank/open"] == 0.0
@@ -396,14 +403,7 @@ def test_entropy_gate_stays_shut_while_uncertain_then_latches_open() -> None:
 def test_training_hook_reads_before_it_writes_and_waits_for_start_step() -> None:
     bank = make_bank(size=8, selection="hardest", top_k=2, start_step=2)
     q, t = unit(0.0, 90.0), unit(10.0, 80.0)
-    hook = {
-        "queries": q,
-        "targets": t,
-        "in_batch_logits": q @ t.T,
-        "target_keys": ids(1, 2),
-        "reference_keys": ids(3, 4),
-        "temperature": torch.tensor(1.0),
-    }
+    hook = hook_inputs(q, t)
     assert set(bank.extra_negatives(step=1, **hook)) == {"stats"}  # no negatives
     assert (bank.written == EMPTY).all()  # nothing written before start_step...
     assert bank.entropy_ema.item() < 1.0  # ...but the entropy clock runs
@@ -426,14 +426,7 @@ def test_hook_write_before_backward_keeps_the_graph_valid(selection: str) -> Non
     bank.write(unit(45.0, 135.0), ids(7, 8), step=0)
     q = unit(0.0, 90.0).requires_grad_()
     t = unit(10.0, 80.0)
-    hook = {
-        "queries": q,
-        "targets": t,
-        "in_batch_logits": q @ t.T,
-        "target_keys": ids(1, 2),
-        "reference_keys": ids(3, 4),
-        "temperature": torch.tensor(1.0),
-    }
+    hook = hook_inputs(q, t)
     extra = bank.extra_negatives(step=1, **hook)
     assert bank.ids.tolist() == [1, 2]  # the write overwrote both slots
     kwargs = {k: v for k, v in extra.items() if k != "stats"}
