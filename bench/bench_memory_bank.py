@@ -98,6 +98,7 @@ def full_bank(entries: int, dim: int, top_k: int, device: torch.device) -> Memor
         max_age=entries,
         staleness="exp",
         fn_margin=0.1,
+        open_entropy=None,  # the gate open: the bank's full cost, from the first step
     )
     bank = MemoryBank(config, dim).to(device)
     bank.write(torch.randn(entries, dim, device=device), torch.arange(entries) - entries, step=0)
@@ -107,17 +108,22 @@ def full_bank(entries: int, dim: int, top_k: int, device: torch.device) -> Memor
 def bank_loss(
     bank: MemoryBank | None, q: torch.Tensor, t: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """InfoNCE over in-batch targets, plus bank negatives when a bank is given (then writes)."""
+    """InfoNCE over in-batch targets, plus the bank's negatives through the training hook the
+    trainer calls (entropy clock, gate, read, write) when a bank is given."""
     sim = q @ t.T
     if bank is None:
         return info_nce(sim, TAU)
-    bank.observe(sim / TAU)
-    neg = bank.negatives(q, t, sim / TAU, ids, None, step=1, temperature=TAU)
-    loss = info_nce(
-        sim, TAU, extra_logits=neg.similarities, extra_bias=neg.bias, extra_mask=neg.mask
+    extra = bank.extra_negatives(
+        queries=q,
+        targets=t,
+        in_batch_logits=sim / TAU,
+        target_keys=ids,
+        reference_keys=ids,
+        step=1,  # every slot was written at step 0, so all stay live; this batch's write is not
+        temperature=torch.tensor(TAU),
     )
-    bank.write(t.detach(), ids, step=0)  # step 0 keeps every slot live for the next repetition
-    return loss
+    extra.pop("stats")
+    return info_nce(sim, TAU, **extra)
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
