@@ -44,8 +44,9 @@ class ImageTransform:
 
     def __init__(self, config: ImageConfig) -> None:
         self.config = config
-        self._mean = torch.tensor(config.mean).view(3, 1, 1)
-        self._std = torch.tensor(config.std).view(3, 1, 1)
+        # On the CPU whatever the default device: preprocessing runs where images are decoded.
+        self._mean = torch.tensor(config.mean, device="cpu").view(3, 1, 1)
+        self._std = torch.tensor(config.std, device="cpu").view(3, 1, 1)
 
     def one(self, image: Image.Image) -> torch.Tensor:
         cfg = self.config
