@@ -10,7 +10,8 @@ than an age window that an EMA of the in-batch prediction entropy sets, (3) pick
 negatives (all, random, hardest, or entropy-scaled hardest) after removing likely false negatives,
 and (4) returns bank logits with a logit offset (and optionally a hard cap) that bounds the bank's
 share of the softmax. Every operation is a tensor op over the whole buffer: no Python loop over
-entries. The formulas are in docs/memory_bank.md.
+entries, and once the bank is open no value is read back to the host, so on a GPU a step queues
+its kernels without waiting for them. The formulas are in docs/memory_bank.md.
 """
 
 from __future__ import annotations
@@ -211,6 +212,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("entropy_ema", torch.ones(()))
         self.register_buffer("opened_at", torch.full((), EMPTY, dtype=torch.long))
         self._probe: Tensor | None = None  # last probe snapshot; diagnostic only, not checkpointed
+        # Host copy of "opened_at != EMPTY" (None: read the buffer), so an open bank's gate check
+        # does not wait for the GPU every step; loading a checkpoint resets it.
+        self._open: bool | None = None
 
     @classmethod
     def for_model(cls, config: MemoryBankConfig, model: CSMCIR) -> MemoryBank:
@@ -230,10 +234,13 @@ class MemoryBank(nn.Module):
         c = self.config
         if not c.enabled or step < c.start_step:
             return False
-        if int(self.opened_at) == EMPTY:
+        if self._open is None:
+            self._open = int(self.opened_at) != EMPTY
+        if not self._open:
             if c.open_entropy is not None and float(self.entropy_ema) > c.open_entropy:
                 return False
             self.opened_at.fill_(step)
+            self._open = True
         return True
 
     # ---------------------------------------------------------------- temporal window
@@ -246,12 +253,13 @@ class MemoryBank(nn.Module):
         self.entropy_ema.mul_(m).add_((1.0 - m) * batch_mean.to(self.entropy_ema))
         return batch_mean
 
-    def window(self) -> float:
-        """Usable age in steps: A_max (fixed) or A_min + (A_max - A_min)(1 - H) (entropy)."""
+    def window(self) -> Tensor:
+        """Usable age in steps (0-d, inf = no limit): A_max (fixed) or A_min + (A_max - A_min)
+        (1 - H) (entropy); a tensor, so the entropy window is never read back to the host."""
         c = self.config
         if c.window == "fixed":
-            return math.inf if c.max_age is None else float(c.max_age)
-        h = float(self.entropy_ema.clamp(0.0, 1.0))
+            return self.entropy_ema.new_full((), math.inf if c.max_age is None else c.max_age)
+        h = self.entropy_ema.clamp(0.0, 1.0)
         return c.min_age + (c.max_age - c.min_age) * (1.0 - h)
 
     def ages(self, step: int) -> Tensor:
@@ -263,11 +271,11 @@ class MemoryBank(nn.Module):
         return (self.written != EMPTY) & (age >= 1) & (age <= self.window())
 
     @torch.no_grad()
-    def evict(self, step: int) -> int:
-        """Empty every slot older than the window; returns how many were evicted."""
+    def evict(self, step: int) -> Tensor:
+        """Empty every slot older than the window; returns how many were evicted (0-d)."""
         stale = (self.written != EMPTY) & (self.ages(step) > self.window())
         self.written.masked_fill_(stale, EMPTY)
-        return int(stale.sum())
+        return stale.sum()
 
     # ---------------------------------------------------------------- writes
     @torch.no_grad()
@@ -287,7 +295,7 @@ class MemoryBank(nn.Module):
         slots = (self.cursor + torch.arange(n, device=self.cursor.device)) % size
         self.embeddings[slots] = F.normalize(targets.detach().float(), dim=-1).to(self.embeddings)
         self.ids[slots] = image_ids.to(self.ids)
-        self.written[slots] = step
+        self.written.index_fill_(0, slots, step)  # a scalar index_put would sync with the GPU
         self.cursor.copy_((self.cursor + n) % size)
 
     # ---------------------------------------------------------------- reads
@@ -311,7 +319,7 @@ class MemoryBank(nn.Module):
         c = self.config
         self.evict(step)
         live = self.live_mask(step)
-        n_live = int(live.sum())
+        n_live = live.sum()  # 0-d: counts stay on the device
         b = q.shape[0]
         # ``all`` multiplies by the whole buffer; the copy keeps autograd's saved operand intact
         # when this step's write overwrites the ring buffer before the backward pass.
@@ -335,7 +343,7 @@ class MemoryBank(nn.Module):
             else:
                 age = age[idx]
             offset = self._offset(n_live, in_batch_logits.shape[-1])
-            bias = torch.full(age.shape, offset, device=age.device)
+            bias = offset.expand(age.shape).clone()
             if c.staleness == "exp":
                 bias -= age / c.tau_age
             tau = temperature.detach() if isinstance(temperature, Tensor) else temperature
@@ -352,15 +360,15 @@ class MemoryBank(nn.Module):
             share = torch.sigmoid(logits.logsumexp(dim=-1) - in_lse)
             window = self.window()
             stats = {
-                "bank/live": share.new_tensor(float(n_live)),
-                "bank/mean_age": (self.ages(step) * live).sum().float() / max(n_live, 1),
-                "bank/window": share.new_tensor(window if math.isfinite(window) else -1.0),
+                "bank/live": n_live.float(),
+                "bank/mean_age": (self.ages(step) * live).sum().float() / n_live.clamp(min=1),
+                "bank/window": window.nan_to_num(posinf=-1.0),  # -1: no age limit
                 "bank/entropy": self.entropy_ema.detach().clone(),
                 "bank/open": 1.0,
                 "bank/share": share.mean(),
-                "bank/offset": share.new_tensor(offset),
+                "bank/offset": offset,
                 "bank/negatives": keep.sum(dim=-1).float().mean(),
-                "bank/false_neg_share": n_false_neg.float() / max(n_live * b, 1),
+                "bank/false_neg_share": n_false_neg.float() / (n_live * b).clamp(min=1),
                 "bank/target_cos": mean_pairwise_cosine(t),
             }
         return BankNegatives(similarities=cos, bias=bias, mask=keep, stats=stats)
@@ -383,12 +391,12 @@ class MemoryBank(nn.Module):
             keep &= torch.arange(k, device=cos.device)[None, :] < k_i[:, None]
         return idx, keep
 
-    def _offset(self, n_live: int, n_in_batch: int) -> float:
+    def _offset(self, n_live: Tensor, n_in_batch: int) -> Tensor:
+        """The bank logits' offset (0-d): the configured number, or for ``auto``
+        -log(live / in-batch), 0 while the bank holds no more entries than the batch."""
         if self.config.logit_offset != "auto":
-            return float(self.config.logit_offset)
-        if n_live <= n_in_batch:
-            return 0.0
-        return -math.log(n_live / n_in_batch)
+            return self.embeddings.new_full((), float(self.config.logit_offset))
+        return -torch.log(n_live.float().clamp(min=n_in_batch) / n_in_batch)
 
     # ---------------------------------------------------------------- the training hook
     def extra_negatives(
@@ -442,3 +450,4 @@ class MemoryBank(nn.Module):
                 f"{saved.shape[0]} to resume"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._open = None

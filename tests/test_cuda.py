@@ -1,0 +1,207 @@
+"""The GPU paths: autocast precisions, the memory bank, Lightning training, evaluation and the hf
+captioning backend on CUDA agree with the CPU. Skipped where no CUDA device is present (CI); run
+them on a GPU machine with ``python -m pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_captioning_hf import build_tiny_qwen2_vl
+from test_model import TEXTS, images, tiny
+
+from captioning.backends.base import Request
+from captioning.backends.hf import HFBackend
+from captioning.prompts import PromptSpec
+from csmcir import cli as csmcir_cli
+from csmcir.data.synth import SynthConfig, generate
+from csmcir.train.datamodule import CIRDataModule, caption_command
+from csmcir.train.export import model_from_checkpoint
+from csmcir.train.loss import info_nce
+from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
+from csmcir.train.module import CSMCIRModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def encode_both(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.encode_query(TEXTS, pixels), model.encode_target(TEXTS[::-1], pixels.flip(0))
+
+
+def test_fp32_on_cuda_matches_the_cpu() -> None:
+    cpu = tiny()
+    pixels = cpu.preprocess(images())
+    with torch.no_grad():
+        expected = encode_both(cpu, pixels)
+        got = encode_both(cpu.to(CUDA), pixels.to(CUDA))
+    for e, g in zip(expected, got, strict=True):
+        assert g.device.type == "cuda" and g.dtype == torch.float32
+        torch.testing.assert_close(g.cpu(), e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train_in_float32_weights(precision: str) -> None:
+    """Autocast changes the arithmetic, not the result's meaning: embeddings stay unit float32
+    vectors close to fp32's, and every trainable weight gets a finite float32 gradient."""
+    reference = tiny().to(CUDA)
+    model = tiny(precision=precision).to(CUDA).train()
+    pixels = reference.preprocess(images()).to(CUDA)
+    with torch.no_grad():
+        expected = encode_both(reference.train(), pixels)
+    q, t = encode_both(model, pixels)
+    for e, g in zip(expected, (q, t), strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.norm(dim=-1), torch.ones(3, device=CUDA))
+        assert F.cosine_similarity(g.detach(), e).min() > 0.98
+    info_nce(model.similarity(q, t), 0.07).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+def test_memory_bank_hook_on_cuda_matches_the_cpu() -> None:
+    config = MemoryBankConfig(
+        enabled=True, size=64, selection="hardest", top_k=8, window="entropy", min_age=10,
+        max_age=40, staleness="exp", fn_margin=0.1, open_entropy=None,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    entries = F.normalize(torch.randn(48, 16, generator=g), dim=-1)
+    q = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    t = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    keys = torch.arange(6)
+    outputs = []
+    for device in ("cpu", CUDA):
+        bank = MemoryBank(config, dim=16).to(device)
+        bank.write(entries.to(device), torch.arange(48, device=device) % 10, step=0)
+        qd, td = q.detach().to(device).requires_grad_(), t.to(device)
+        extra = bank.extra_negatives(
+            queries=qd, targets=td, in_batch_logits=qd.detach() @ td.T / 0.07,
+            target_keys=keys.to(device), reference_keys=keys.to(device) + 100, step=5,
+            temperature=torch.tensor(0.07, device=device),
+        )  # fmt: skip
+        stats = {k: float(v) for k, v in extra.pop("stats").items()}
+        loss = info_nce(qd @ td.T, 0.07, **extra)
+        loss.backward()
+        outputs.append((loss.detach().cpu(), qd.grad.cpu(), stats, bank.ids.cpu()))
+    (cpu_loss, cpu_grad, cpu_stats, cpu_keys), (gpu_loss, gpu_grad, gpu_stats, gpu_keys) = outputs
+    torch.testing.assert_close(gpu_loss, cpu_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu_grad, cpu_grad, atol=1e-5, rtol=1e-4)
+    assert gpu_stats == pytest.approx(cpu_stats, abs=1e-5)
+    assert torch.equal(gpu_keys, cpu_keys)
+
+
+@pytest.mark.parametrize("selection", ["all", "random", "hardest", "entropy"])
+@pytest.mark.parametrize("window", ["fixed", "entropy"])
+def test_an_open_bank_never_waits_for_the_gpu(selection: str, window: str) -> None:
+    """Once open, the hook (read, masks, selection, stats, write) and the loss only queue
+    kernels: a read-back to the host would stall every training step (torch raises on one)."""
+    config = MemoryBankConfig(
+        enabled=True, size=256, selection=selection, top_k=8, window=window, max_age=50,
+        staleness="exp", fn_margin=0.1, open_entropy=0.99,
+    )  # fmt: skip
+    bank = MemoryBank(config, dim=16).to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+
+    def step(s: int) -> torch.Tensor:
+        q = F.normalize(torch.randn(8, 16, device=CUDA, generator=g), dim=-1).requires_grad_()
+        t = F.normalize(torch.randn(8, 16, device=CUDA, generator=g), dim=-1)
+        keys = torch.arange(8, device=CUDA) + 8 * s
+        extra = bank.extra_negatives(
+            queries=q, targets=t, in_batch_logits=q.detach() @ t.T / 0.05, target_keys=keys,
+            reference_keys=keys + 1000, step=s, temperature=torch.full((), 0.05, device=CUDA),
+        )  # fmt: skip
+        extra.pop("stats")
+        loss = info_nce(q @ t.T, 0.05, **extra)
+        loss.backward()
+        return loss.detach()
+
+    for s in range(3):  # the gate's check may read the EMA until the bank opens
+        step(s)
+    assert bank.active(3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(s) for s in range(3, 6)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(loss.isfinite()) for loss in losses)
+
+
+@pytest.fixture(scope="module")
+def synthcir(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synthcir")
+    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
+    captions = root / "mcot_captions.json"
+    for command in caption_command("synthcir", root, captions).split(" && "):
+        assert csmcir_cli.main(shlex.split(command)[1:]) == 0
+    return root, captions
+
+
+def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(synthcir, tmp_path) -> None:
+    root, captions = synthcir
+    L.seed_everything(0)
+    module = CSMCIRModule(
+        model_options={"precision": "bf16"},
+        warmup_steps=1,
+        bank=MemoryBankConfig(enabled=True, size=64, top_k=8, open_entropy=None),
+    )
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_steps=6, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    data = CIRDataModule("synthcir", root, captions, batch_size=8, cache_images=True)
+    trainer.fit(module, data)
+    assert trainer.global_step == 6 and trainer.strategy.root_device.type == "cuda"
+    assert int(module.memory_bank.cursor) == 6 * 8  # a write a step
+    checkpoint = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)
+    assert model.device.type == "cpu" and model.config.precision == "bf16"
+    trained = module.model.float().cpu().eval()
+    for (name, p), (_, saved) in zip(
+        trained.state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, saved), name
+
+
+def test_eval_on_cuda_scores_like_the_cpu(synthcir, tmp_path) -> None:
+    root, captions = synthcir
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        argv = [
+            "eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(root),
+            "--captions", str(captions), "--split", "val", "--device", device, "--no-cache",
+            "--out", str(out),
+        ]  # fmt: skip
+        assert csmcir_cli.main(argv) == 0
+        results[device] = json.loads(out.read_text())["metrics"]["synthcir"]
+    queries = 16
+    for key, value in results["cpu"].items():  # at most one query's rank may flip on a near-tie
+        assert abs(results["cuda"][key] - value) <= 100 / queries + 1e-6, key
+
+
+@pytest.fixture(scope="module")
+def tiny_mllm(tmp_path_factory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+def test_hf_backend_generates_on_cuda(tiny_mllm, tmp_path) -> None:
+    spec = PromptSpec("scene")
+    requests = []
+    for i, size in enumerate([(40, 40), (90, 50)]):
+        path = tmp_path / f"im{i}.png"
+        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(path)
+        requests.append(Request(f"im{i}", path, spec))
+    answers = {}
+    for dtype, device in (("float32", "cpu"), ("float32", "cuda"), ("bfloat16", "cuda")):
+        backend = HFBackend(tiny_mllm, dtype=dtype, device=device, batch_size=2, max_new_tokens=8)
+        backend.load()
+        answers[dtype, device] = [a.text for a in backend.generate_batch(requests)]
+    assert answers["float32", "cuda"] == answers["float32", "cpu"]
+    assert all(len(text.split()) == 8 for text in answers["bfloat16", "cuda"])
