@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bench.report import update_section
+from bench.report import device_label, section_name, update_section
 from csmcir.model import CSMCIR, build_wordpiece_tokenizer, load_preset
 from csmcir.train.loss import info_nce
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
@@ -220,11 +220,7 @@ def main() -> None:
     header = ["step", "embed dim", "in-batch only (ms)", "with bank (ms)", "overhead"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {args.threads} thread" + ("s" if args.threads > 1 else "")
-    )
+    device_name = device_label(device, args.threads)
     body = (
         "## Memory bank overhead\n\n"
         f"Median training-step time over {args.repeats} alternating step pairs (loss-only rows: "
@@ -237,7 +233,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        update_section("memory_bank", body)
+        update_section(section_name("memory_bank", device), body)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Trainer) on a freshly generated synthetic benchmark with oracle captions, and ti
 steps after a short warm-up, for each batch size and torch thread count asked for.
 
     python -m bench.bench_train_tiny [--steps 30] [--batch-sizes 32,128] [--threads 1,2]
+    python -m bench.bench_train_tiny --device cuda --batch-sizes 32,128,512 --threads 4
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from bench.report import update_section
+from bench.report import device_label, section_name, update_section
 from csmcir import cli as csmcir_cli
 from csmcir.data.synth import SynthConfig, generate
 from csmcir.train.datamodule import CIRDataModule, caption_command
@@ -41,6 +42,8 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.start is not None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # kernels are queued, not yet run
             self.end = time.perf_counter()
             self.steps += 1
 
@@ -53,12 +56,15 @@ def make_benchmark(root: Path) -> Path:
     return captions
 
 
-def measure(root: Path, captions: Path, batch_size: int, threads: int, steps: int) -> float:
+def measure(
+    root: Path, captions: Path, batch_size: int, threads: int, steps: int, device: torch.device
+) -> float:
     torch.set_num_threads(threads)
     L.seed_everything(0)
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
         max_steps=WARMUP_STEPS + steps,
         limit_val_batches=0,
         logger=False,
@@ -77,7 +83,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting")
     parser.add_argument("--batch-sizes", default="32,128")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     args = parser.parse_args()
+    device = torch.device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
     rows = []
@@ -87,11 +95,11 @@ def main() -> None:
         captions = make_benchmark(root)
         for batch_size in batch_sizes:
             for threads in thread_counts:
-                rate = measure(root, captions, batch_size, threads, args.steps)
+                rate = measure(root, captions, batch_size, threads, args.steps, device)
                 rows.append((batch_size, threads, rate))
                 print(f"batch {batch_size}, {threads} thread(s): {rate:.1f} samples/s")
     body = [
-        "## Training throughput: tiny preset, CPU",
+        f"## Training throughput: tiny preset, {device_label(device)}",
         "",
         "One optimiser step = query and target encoders forward and backward on a batch of "
         "(reference image, text, target image, caption) samples, 64 px images, in-batch "
@@ -101,14 +109,17 @@ def main() -> None:
         "| batch | torch threads | samples/s | ms/step |",
         "| ---: | ---: | ---: | ---: |",
         *(f"| {b} | {t} | {r:.1f} | {1000 * b / r:.0f} |" for b, t, r in rows),
-        "",
-        f"Load average (1 min) of the shared machine: {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after. Threads matter with the load: on an idle machine two "
-        "threads gain little over one, while with other processes busy (load average about 10) "
-        "an earlier run measured one thread 5-11x faster than two, whose OpenMP threads wait for "
-        "each other; configs/synthcir.yaml uses one.",
     ]
-    update_section("train_tiny", "\n".join(body))
+    if device.type == "cpu":
+        body += [
+            "",
+            f"Load average (1 min) of the shared machine: {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after. Threads matter with the load: on an idle machine "
+            "two threads gain little over one, while with other processes busy (load average "
+            "about 10) an earlier run measured one thread 5-11x faster than two, whose OpenMP "
+            "threads wait for each other; configs/synthcir.yaml uses one.",
+        ]
+    update_section(section_name("train_tiny", device), "\n".join(body))
 
 
 if __name__ == "__main__":

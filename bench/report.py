@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 from csmcir.io import atomic_write_text
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -27,6 +29,18 @@ def machine() -> str:
     import os
 
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def device_label(device: torch.device, threads: int | None = None) -> str:
+    """What a timing ran on, for a table's caption: the GPU's name, or the CPU thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU" if threads is None else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
+
+
+def section_name(name: str, device: torch.device) -> str:
+    """CPU and GPU figures of one benchmark live side by side: ``NAME`` and ``NAME_cuda``."""
+    return name if device.type == "cpu" else f"{name}_{device.type}"
 
 
 def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
