@@ -5,6 +5,7 @@ them on a GPU machine with ``python -m pytest tests/test_cuda.py``."""
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -205,3 +206,13 @@ def test_hf_backend_generates_on_cuda(tiny_mllm, tmp_path) -> None:
         answers[dtype, device] = [a.text for a in backend.generate_batch(requests)]
     assert answers["float32", "cuda"] == answers["float32", "cpu"]
     assert all(len(text.split()) == 8 for text in answers["bfloat16", "cuda"])
+
+
+def test_quickstart_runs_on_the_gpu(tmp_path, capsys, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    argv = ["quickstart", "--root", str(root), "--run-dir", str(run_dir), "--size", "small"]
+    assert csmcir_cli.main([*argv, "--steps", "12", "--device", "cuda"]) == 0
+    assert "[7/7]" in capsys.readouterr().out
+    assert "GPU available: True (cuda), used: True" in caplog.text
+    assert (run_dir / "quickstart" / "retrieval_grid.png").is_file()
