@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import Blip2ForImageTextRetrieval
 
 from csmcir.errors import ConfigError, DataError
 from csmcir.model import CSMCIR, CSMCIRConfig, build_wordpiece_tokenizer, load_preset
-from csmcir.model.encoder import blip2_config
+from csmcir.model.encoder import blip2_config, enable_checkpointing
 
 CORPUS = [
     "make the red circle blue",
@@ -189,6 +190,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(pixels: torch.Tensor) -
         m.encode_query(TEXTS, pixels).pow(2).sum().backward()
         grads.append(m.tower.qformer.encoder.layer[1].crossattention.attention.key.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_checkpointing_uses_the_method_name_this_transformers_has() -> None:
+    class BeforeTheRename(torch.nn.Module):  # transformers 5 releases with only the old name
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    old = BeforeTheRename()
+    enable_checkpointing(old)
+    assert old.kwargs == {"use_reentrant": False}
+    with warnings.catch_warnings():  # the new name where it exists: no deprecation warning
+        warnings.simplefilter("error", FutureWarning)
+        tiny(gradient_checkpointing=True)
 
 
 def test_bf16_autocast_is_close_to_fp32(model: CSMCIR, pixels: torch.Tensor) -> None:

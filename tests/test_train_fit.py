@@ -218,7 +218,7 @@ class RecordingBank:
         queries = kwargs["queries"]
         return {
             "extra_logits": queries @ queries.T.detach(),
-            "extra_mask": ~torch.eye(len(queries), dtype=torch.bool),
+            "extra_mask": ~torch.eye(len(queries), dtype=torch.bool, device=queries.device),
             "stats": {"bank/calls": torch.tensor(float(len(self.calls)))},
         }
 

@@ -98,6 +98,17 @@ class QFormerTower(nn.Module):
         return F.normalize(self.vision_projection(hidden).float(), dim=-1)
 
 
+def enable_checkpointing(module: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model. transformers 5 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (keeping the old name
+    as a deprecated alias); releases before the rename have only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def vision_from_inputs(
     model,
     pixel_values: torch.Tensor | None,
@@ -171,11 +182,10 @@ class CSMCIR(nn.Module):
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
         if config.gradient_checkpointing:
-            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
             for tower in self.towers():
-                tower.qformer.activation_checkpointing_enable(**kwargs)
+                enable_checkpointing(tower.qformer)
             if not config.freeze_vision:
-                self.vision_model.activation_checkpointing_enable(**kwargs)
+                enable_checkpointing(self.vision_model)
 
     # construction and files (implemented in csmcir.model.loading)
 
