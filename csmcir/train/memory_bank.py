@@ -77,7 +77,7 @@ class MemoryBankConfig:
     None is off."""
     start_step: int = 0
     """First global step at which the bank is read and written."""
-    open_entropy: float | None = 0.5
+    open_entropy: float | None = 0.4
     """The bank opens (and stays open) once the entropy EMA has fallen to this. A randomly
     initialised shared encoder starts collapsed (H near 1): detached negatives then take over the
     softmax and drag the whole output cloud away, so the bank waits until in-batch training has
