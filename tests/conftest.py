@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
+
+from csmcir import cli as csmcir_cli
+from csmcir.data.synth import SynthConfig, generate
+from csmcir.train.datamodule import caption_command
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
@@ -16,3 +21,22 @@ def shared_benchmarks() -> Path:
     if not SHARED_BENCHMARKS.is_dir():
         pytest.skip(f"real annotation files not found at {SHARED_BENCHMARKS}")
     return SHARED_BENCHMARKS
+
+
+@pytest.fixture(scope="module")
+def synthcir(tmp_path_factory) -> Path:
+    """A small synthetic benchmark: 64 training queries (8 steps an epoch at batch 8), 16
+    validation queries."""
+    root = tmp_path_factory.mktemp("synthcir")
+    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def captions(synthcir: Path) -> Path:
+    """Its oracle MCoT captions, made by running, word for word, the command the missing-caption
+    error prints."""
+    out = synthcir / "mcot_captions.json"
+    for command in caption_command("synthcir", synthcir, out).split(" && "):
+        assert csmcir_cli.main(shlex.split(command)[1:]) == 0
+    return out

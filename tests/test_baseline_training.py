@@ -10,7 +10,6 @@ import pytest
 
 from csmcir.baselines import CLIP4Cir
 from csmcir.cli import main as csmcir_main
-from csmcir.data.synth import SynthConfig, generate
 from csmcir.model import CSMCIR
 from csmcir.train.cli import run
 from csmcir.train.export import model_from_checkpoint
@@ -18,14 +17,6 @@ from csmcir.train.export import model_from_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthcir_clip4cir.yaml"
 STEPS = 16
-
-
-@pytest.fixture(scope="module")
-def synthcir(tmp_path_factory) -> Path:
-    """64 training queries (8 steps an epoch at batch 8), 16 validation queries."""
-    root = tmp_path_factory.mktemp("synthcir")
-    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
-    return root
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 
 import lightning as L
@@ -21,8 +20,7 @@ from captioning.backends.base import Request
 from captioning.backends.hf import HFBackend
 from captioning.prompts import PromptSpec
 from csmcir import cli as csmcir_cli
-from csmcir.data.synth import SynthConfig, generate
-from csmcir.train.datamodule import CIRDataModule, caption_command
+from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import model_from_checkpoint
 from csmcir.train.loss import info_nce
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
@@ -133,18 +131,9 @@ def test_an_open_bank_never_waits_for_the_gpu(selection: str, window: str) -> No
     assert all(bool(loss.isfinite()) for loss in losses)
 
 
-@pytest.fixture(scope="module")
-def synthcir(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("synthcir")
-    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
-    captions = root / "mcot_captions.json"
-    for command in caption_command("synthcir", root, captions).split(" && "):
-        assert csmcir_cli.main(shlex.split(command)[1:]) == 0
-    return root, captions
-
-
-def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(synthcir, tmp_path) -> None:
-    root, captions = synthcir
+def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(
+    synthcir, captions, tmp_path
+) -> None:
     L.seed_everything(0)
     module = CSMCIRModule(
         model_options={"precision": "bf16"},
@@ -155,7 +144,7 @@ def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(synthcir, tmp
         accelerator="gpu", devices=1, max_steps=6, limit_val_batches=0, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
-    data = CIRDataModule("synthcir", root, captions, batch_size=8, cache_images=True)
+    data = CIRDataModule("synthcir", synthcir, captions, batch_size=8, cache_images=True)
     trainer.fit(module, data)
     assert trainer.global_step == 6 and trainer.strategy.root_device.type == "cuda"
     assert int(module.memory_bank.cursor) == 6 * 8  # a write a step
@@ -170,13 +159,12 @@ def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(synthcir, tmp
         assert torch.equal(p, saved), name
 
 
-def test_eval_on_cuda_scores_like_the_cpu(synthcir, tmp_path) -> None:
-    root, captions = synthcir
+def test_eval_on_cuda_scores_like_the_cpu(synthcir, captions, tmp_path) -> None:
     results = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"{device}.json"
         argv = [
-            "eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(root),
+            "eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(synthcir),
             "--captions", str(captions), "--split", "val", "--device", device, "--no-cache",
             "--out", str(out),
         ]  # fmt: skip

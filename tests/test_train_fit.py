@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 from csmcir import cli as csmcir_cli
-from csmcir.data.synth import SynthConfig, generate
 from csmcir.model import CSMCIR
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
@@ -35,23 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synthcir(tmp_path_factory) -> Path:
-    """64 training queries (8 steps an epoch at batch 8), 16 validation queries."""
-    root = tmp_path_factory.mktemp("synthcir")
-    generate(root, SynthConfig(train_refs=32, val_refs=8, test_refs=2))
-    return root
-
-
-@pytest.fixture(scope="module")
-def captions(synthcir: Path) -> Path:
-    """Made by running, word for word, the command the missing-caption error prints."""
-    out = synthcir / "mcot_captions.json"
-    for command in caption_command("synthcir", synthcir, out).split(" && "):
-        assert csmcir_cli.main(shlex.split(command)[1:]) == 0
-    return out
 
 
 def fit_args(root: Path, captions: Path | None, run_dir: Path, *extra: str) -> list[str]:
