@@ -70,6 +70,11 @@ def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
     assert first["model"]["fingerprint"] == CSMCIR.from_pretrained(model_dir).fingerprint()
     printed = capsys.readouterr().out
     assert "Rsubset@1" in printed and "exclude_reference=True" in printed
+    # The synthetic benchmark's queries are broken down by modification type.
+    types = first["by_type"]["synthcir"]
+    kinds = {q.extra["mod_type"] for q in split.queries}
+    assert kinds <= set(types) and sum(types[k]["queries"] for k in kinds) == len(split.queries)
+    assert "by modification type" in printed and "change:" in printed
 
     second = run_eval(args, tmp_path)
     assert second["data"]["splits"]["synthcir"]["gallery_from_cache"] is True

@@ -1,8 +1,8 @@
 """The synthetic benchmark generator: layout, determinism, and that every query has one answer.
 
-The query checks read the texts back with a parser written here from the vocabulary in
-scenes.json, not with the generator's templates, so a text that names the wrong object, or an
-object that two scene objects fit, fails.
+The query checks read the texts back with csmcir.data.synth_truth's reader, which knows the scene
+vocabulary (attribute values, cell names) but not the generator's templates, so a text that names
+the wrong object, or an object that two scene objects fit, fails.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from csmcir.data.synth_build import SynthConfig
 from csmcir.data.synth_render import BACKGROUND, RGB, png_bytes, render_scene
 from csmcir.data.synth_scenes import COLORS, SHAPES, SIZES, Modification, Obj, make_scene
 from csmcir.data.synth_text import modification_text
-from csmcir.errors import ConfigError
+from csmcir.data.synth_truth import load_scenes, oracle_scores, read_modification
+from csmcir.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 TINY = {"train_refs": 30, "val_refs": 12, "test_refs": 20}
@@ -35,13 +35,6 @@ RECORD_KEYS = [
     "img_set",
     "mod_type",
 ]
-CELLS = {
-    f"{r} {c}": (i, j)
-    for i, r in enumerate(("top", "middle", "bottom"))
-    for j, c in enumerate(("left", "middle", "right"))
-}
-CELLS["center"] = CELLS.pop("middle middle")
-CELL_RE = re.compile(r"\b(" + "|".join(sorted(CELLS, key=len, reverse=True)) + r")\b")
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -189,57 +182,46 @@ def test_members_are_six_look_alikes_with_reference_and_target(bench):
 # --- every query has exactly one answer ------------------------------------------------------
 
 
-def parse_and_apply(text: str, mod_type: str, reference: list[dict], attrs: dict) -> frozenset:
-    """Read a modification text with the scene vocabulary and apply it to the reference."""
-    vocab = {a: "|".join(values) for a, values in attrs.items()}
-    m = re.search(rf"\b({vocab['size']}) ({vocab['color']}) ({vocab['shape']})\b", text)
-    assert m, f"no object named in {text!r}"
-    size, color, shape = m.groups()
-    rest = text[: m.start()] + " " + text[m.end() :]
-    new = [(a, v) for a, values in attrs.items() for v in values if re.search(rf"\b{v}\b", rest)]
-    cells = [CELLS[c] for c in CELL_RE.findall(text)]
-    objects = {(o["row"], o["col"]): o for o in reference}
-    ref = canonical(reference)
-
-    if mod_type == "add":
-        assert len(cells) == 1 and not new, text
-        assert cells[0] not in objects, f"{text!r}: the cell is taken"
-        return ref | {(shape, color, size, *cells[0])}
-
-    where = cells[:1] if mod_type in {"remove", "change"} else cells[:-1]
-    fits = [
-        o
-        for cell, o in objects.items()
-        if (o["size"], o["color"], o["shape"]) == (size, color, shape) and cell in (where or [cell])
-    ]
-    assert len(fits) == 1, f"{text!r} fits {len(fits)} objects of the reference"
-    obj = fits[0]
-    old = (obj["shape"], obj["color"], obj["size"], obj["row"], obj["col"])
-    if mod_type == "remove":
-        assert len(cells) == 1 and not new, text
-        return ref - {old}
-    if mod_type == "change":
-        assert len(new) == 1 and len(cells) <= 1, text
-        attr, value = new[0]
-        assert obj[attr] != value, f"{text!r} changes nothing"
-        changed = {**obj, attr: value}
-        return (ref - {old}) | canonical([changed])
-    assert mod_type == "move" and len(cells) in (1, 2) and not new, text
-    assert cells[-1] not in objects, f"{text!r}: the destination is taken"
-    return (ref - {old}) | {(*old[:3], *cells[-1])}
-
-
 def test_each_target_is_the_only_gallery_image_satisfying_its_query(bench):
-    data = scenes(bench)
-    images, attrs = data["images"], data["attributes"]
+    scenes_by_name = load_scenes(bench)
     for split in SPLITS:
-        gallery = {n: canonical(images[n]["objects"]) for n in image_split(bench, split)}
+        gallery = {n: scenes_by_name[n] for n in image_split(bench, split)}
         for rec in captions(bench, split):
-            wanted = parse_and_apply(
-                rec["caption"], rec["mod_type"], images[rec["reference"]]["objects"], attrs
+            wanted = read_modification(
+                rec["caption"], rec["mod_type"], scenes_by_name[rec["reference"]]
             )
             satisfying = [n for n, s in gallery.items() if s == wanted]
             assert satisfying == [rec["target_hard"]], rec
+
+
+def test_reader_refuses_texts_that_name_no_object_or_several():
+    twins = make_scene([Obj(0, 0, "square", "red", "small"), Obj(2, 2, "square", "red", "small")])
+    with pytest.raises(DataError, match="fits 2 objects"):
+        read_modification("make the small red square green", "change", twins)
+    assert read_modification(
+        "make the small red square in the top left green", "change", twins
+    ) == make_scene([Obj(0, 0, "square", "green", "small"), Obj(2, 2, "square", "red", "small")])
+    with pytest.raises(DataError, match="names no object"):
+        read_modification("make it green", "change", twins)
+    with pytest.raises(DataError, match="one free cell"):
+        read_modification("add a large blue circle in the top left", "add", twins)
+
+
+def test_oracle_scores_every_query_right_and_types_are_recorded(bench):
+    from csmcir.data.registry import load_split
+    from csmcir.evaluation.protocols import by_type, compute, prepare
+
+    split = load_split("synthcir", bench, "test")
+    prepared = prepare(split)
+    oracle = oracle_scores(split, load_scenes(bench))
+    assert compute(oracle, prepared) == pytest.approx(dict.fromkeys(compute(oracle, prepared), 100))
+    types = by_type(oracle, prepared)
+    assert sum(types[t]["queries"] for t in ("add", "remove", "change", "move")) == len(
+        split.queries
+    )
+    changed = [q.extra["changed"] for q in split.queries if q.extra["mod_type"] == "change"]
+    assert set(changed) <= {"shape", "color", "size"} and changed
+    assert sum(types[f"change:{a}"]["queries"] for a in set(changed)) == len(changed)
 
 
 def test_every_target_has_a_gallery_near_duplicate(bench):

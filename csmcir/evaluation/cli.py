@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
 
         features = FeatureCache.open(args.features, model)  # another ViT's cache is refused
     metrics: dict[str, dict[str, float]] = {}
+    types: dict[str, dict[str, dict]] = {}
     data: dict[str, dict] = {}
     written: list[str] = []
     for s in splits:
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> dict:
             written += [str(p) for p in write_submission(s, scored, args)]
         else:
             metrics[s.benchmark] = protocols.compute(scored.scores, scored.prepared, args.seed)
+            if protocols.query_groups(s):
+                types[s.benchmark] = protocols.by_type(scored.scores, scored.prepared, args.seed)
     if args.benchmark == "fashioniq" and len(metrics) > 1:
         metrics["average"] = protocols.fashioniq_summary(metrics)
     results = {
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "protocol": protocol,
         "metrics": metrics,
+        "by_type": types,
         "headline": headline(args.benchmark, metrics),
         "submission": written,
         "options": {
@@ -198,6 +202,17 @@ def default_out(args: argparse.Namespace, split_name: str) -> Path:
     return Path("runs") / "eval" / f"{model_name}-{args.benchmark}{category}-{split_name}.json"
 
 
+def format_by_type(groups: dict[str, dict], columns: tuple[str, ...] = ()) -> str:
+    """One row per query group of :func:`protocols.by_type`: its query count, then its metrics."""
+    columns = columns or tuple(k for k in next(iter(groups.values())) if k != "queries")
+    width = max(len(g) for g in groups) + 2
+    lines = [" " * width + f"{'queries':>9}" + "".join(f"{c:>11}" for c in columns)]
+    for group, values in groups.items():
+        cells = "".join(f"{values[c]:>11.2f}" for c in columns)
+        lines.append(f"{group:<{width}}{values['queries']:>9}{cells}")
+    return "\n".join(lines)
+
+
 def format_results(results: dict) -> str:
     """The metrics as a text table, then the protocol values in force and where things went."""
     lines = [
@@ -219,6 +234,10 @@ def format_results(results: dict) -> str:
         for row, values in metrics.items():
             cells = "".join(f"{values[c]:>11.2f}" if c in values else " " * 11 for c in columns)
             lines.append(f"{row:<{width}}{cells}")
+    for name, groups in results.get("by_type", {}).items():
+        lines.append("")
+        lines.append(f"{name} by modification type (change:<attribute> = what a change edits):")
+        lines.append(format_by_type(groups))
     if results["headline"]:
         lines.append(f"headline {results['headline']['name']}: {results['headline']['value']:.2f}")
     lines.append("")

@@ -43,8 +43,7 @@ def recall_at_k(
     With several ground truths per query, the best-ranked one counts. K above the gallery size
     is allowed: every rankable target is then found.
     """
-    ranks = target_ranks(scores, targets, exclude=exclude, seed=seed)
-    return {f"R@{k}": _percent(ranks <= k) for k in _check_ks(ks)}
+    return recall_from_ranks(target_ranks(scores, targets, exclude=exclude, seed=seed), ks)
 
 
 def recall_subset_at_k(
@@ -61,7 +60,13 @@ def recall_subset_at_k(
     from it (CIRR: the reference). A target outside its subset is never found: a miss.
     """
     ranks = target_ranks(scores, targets, exclude=exclude, seed=seed, subsets=subsets)
-    return {f"Rsubset@{k}": _percent(ranks <= k) for k in _check_ks(ks)}
+    return recall_from_ranks(ranks, ks, name="Rsubset")
+
+
+def recall_from_ranks(ranks: Tensor, ks: Iterable[int], name: str = "R") -> dict[str, float]:
+    """``{"<name>@K": % of ranks <= K}`` from :func:`target_ranks`' output, so one ranking can be
+    summarised over any subset of its queries (per modification type) without re-ranking."""
+    return {f"{name}@{k}": _percent(ranks <= k) for k in _check_ks(ks)}
 
 
 def caption_match_recall(

@@ -29,7 +29,8 @@ from csmcir.evaluation.metrics import (
     map_at_k,
     rank_gallery,
     recall_at_k,
-    recall_subset_at_k,
+    recall_from_ranks,
+    target_ranks,
 )
 
 # FashionIQ's two captions -> one text. "and" is CLIP4Cir/SPRC's evaluation rule.
@@ -117,17 +118,62 @@ def compute(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str
     return METRICS[family(split.benchmark)](scores, prepared, seed)
 
 
+def query_groups(split: CIRSplit) -> dict[str, list[int]]:
+    """Query rows by modification type (``extra["mod_type"]``) and, for ``change`` queries, by
+    the attribute changed (``change:<extra["changed"]>``); empty for benchmarks without types."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(split.queries):
+        kind = q.extra.get("mod_type")
+        if kind is None:
+            continue
+        groups.setdefault(kind, []).append(i)
+        if q.extra.get("changed"):
+            groups.setdefault(f"{kind}:{q.extra['changed']}", []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def by_type(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str, dict]:
+    """The metrics of each query group of :func:`query_groups`, with its query count.
+
+    Read off the same ranking as :func:`compute` (ties included), so a type's figures are those
+    its queries contribute to the overall ones. Only the CIRR protocol (which the synthetic
+    benchmark follows) records modification types.
+    """
+    groups = query_groups(prepared.split)
+    if not groups:
+        return {}
+    if METRICS[family(prepared.split.benchmark)] is not _cirr:
+        raise ConfigError(f"{prepared.split.benchmark}: per-type metrics follow the CIRR protocol")
+    ranks, subset_ranks = _cirr_ranks(scores, prepared, seed)
+    return {
+        name: {"queries": len(rows)} | _cirr_summary(ranks[rows], subset_ranks[rows])
+        for name, rows in groups.items()
+    }
+
+
 def _main_targets(p: Prepared) -> list[int]:
     return [p.index_of(q.targets[0], q, "target") for q in p.split.queries]
 
 
-def _cirr(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+def _cirr_ranks(scores: torch.Tensor, p: Prepared, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's target rank in the gallery and inside its subset."""
     targets = _main_targets(p)
     subsets = [[p.index_of(m, q, "subset member") for m in q.subset or ()] for q in p.split.queries]
-    r = recall_at_k(scores, targets, (1, 5, 10, 50), exclude=p.exclude, seed=seed)
-    r |= recall_subset_at_k(scores, targets, subsets, (1, 2, 3), exclude=p.exclude, seed=seed)
+    return (
+        target_ranks(scores, targets, exclude=p.exclude, seed=seed),
+        target_ranks(scores, targets, exclude=p.exclude, seed=seed, subsets=subsets),
+    )
+
+
+def _cirr_summary(ranks: torch.Tensor, subset_ranks: torch.Tensor) -> dict[str, float]:
+    r = recall_from_ranks(ranks, (1, 5, 10, 50))
+    r |= recall_from_ranks(subset_ranks, (1, 2, 3), name="Rsubset")
     r["Avg"] = (r["R@5"] + r["Rsubset@1"]) / 2
     return r
+
+
+def _cirr(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
+    return _cirr_summary(*_cirr_ranks(scores, p, seed))
 
 
 def _fashioniq(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
