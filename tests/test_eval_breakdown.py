@@ -16,7 +16,7 @@ GALLERY = ["r1", "a", "b", "c", "r2", "d"]
 
 
 def query(i: int, ref: str, target: str, kind: str, changed: str | None = None) -> CIRQuery:
-    extra = {"mod_type": kind} | ({"changed": changed} if changed else {})
+    extra = {"mod_type": kind} | ({"mod_attribute": changed} if changed else {})
     subset = ("r1", "a", "b", "c") if ref == "r1" else ("r2", "d", "a", "b")
     return CIRQuery(str(i), ref, (f"text {i}",), (target,), subset, extra)
 

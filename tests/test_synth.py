@@ -104,7 +104,9 @@ def test_cirr_fields_and_types_follow_the_contract(bench):
         names = image_split(bench, split)
         assert names == {n: f"./{split}/{n}.png" for n in names}
         for rec in records:
-            assert list(rec) == RECORD_KEYS
+            assert list(rec) == RECORD_KEYS + (
+                ["mod_attribute"] if rec["mod_type"] == "change" else []
+            )
             assert type(rec["pairid"]) is int
             assert isinstance(rec["reference"], str) and isinstance(rec["target_hard"], str)
             assert rec["target_soft"] == {rec["target_hard"]: 1.0}
@@ -219,9 +221,15 @@ def test_oracle_scores_every_query_right_and_types_are_recorded(bench):
     assert sum(types[t]["queries"] for t in ("add", "remove", "change", "move")) == len(
         split.queries
     )
-    changed = [q.extra["changed"] for q in split.queries if q.extra["mod_type"] == "change"]
-    assert set(changed) <= {"shape", "color", "size"} and changed
-    assert sum(types[f"change:{a}"]["queries"] for a in set(changed)) == len(changed)
+    changes = [q for q in split.queries if q.extra["mod_type"] == "change"]
+    scenes_by_name = load_scenes(bench)
+    for q in changes:  # mod_attribute names the one attribute of one object that differs
+        (old,) = set(scenes_by_name[q.reference]) - set(scenes_by_name[q.target])
+        (new,) = set(scenes_by_name[q.target]) - set(scenes_by_name[q.reference])
+        differ = [a for a in ("shape", "color", "size") if getattr(old, a) != getattr(new, a)]
+        assert old.cell == new.cell and differ == [q.extra["mod_attribute"]]
+    attributes = {q.extra["mod_attribute"] for q in changes}
+    assert sum(types[f"change:{a}"]["queries"] for a in attributes) == len(changes) > 0
 
 
 def test_every_target_has_a_gallery_near_duplicate(bench):

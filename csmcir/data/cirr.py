@@ -109,17 +109,6 @@ def read(root: str | Path, split: str, *, exclude_reference: bool = True) -> CIR
 
 
 def read_synthcir(root: str | Path, split: str, *, exclude_reference: bool = True) -> CIRSplit:
-    """The synthetic benchmark: CIRR's files, answers on every split, ``mod_type`` in extra.
-
-    Where ``scenes.json`` is present, a ``change`` query's extra also says which attribute the
-    edit changes (``changed``: shape, color or size), for per-attribute diagnostics.
-    """
-    from csmcir.data.synth_truth import SCENES_FILE, changed_attribute, load_scenes
-
-    split_data = read_rc2_layout(root, split, "synthcir", frozenset(), exclude_reference)
-    if (Path(root) / SCENES_FILE).is_file():
-        scenes = load_scenes(root)
-        for q in split_data.queries:
-            if q.extra.get("mod_type") == "change":
-                q.extra["changed"] = changed_attribute(scenes[q.reference], scenes[q.target])
-    return split_data
+    """The synthetic benchmark: CIRR's files, answers on every split, ``mod_type`` (and a
+    change's ``mod_attribute``) in extra."""
+    return read_rc2_layout(root, split, "synthcir", frozenset(), exclude_reference)

@@ -74,7 +74,8 @@ def scenes_json(splits: dict[str, SplitData]) -> str:
 
 
 def caption_records(split: SplitData, first_pairid: int, first_set: int) -> list[dict]:
-    """CIRR rc2 caption records plus ``mod_type``; pair and set ids continue across splits."""
+    """CIRR rc2 caption records plus ``mod_type`` (and, for a change, ``mod_attribute``: shape,
+    color or size); pair and set ids continue across splits."""
     records = []
     for set_offset, group in enumerate(split.groups):
         members = [split.names[s] for s in group.members]
@@ -97,6 +98,8 @@ def caption_records(split: SplitData, first_pairid: int, first_set: int) -> list
                     "mod_type": query.modification.kind,
                 }
             )
+            if query.modification.attribute is not None:  # what a change edits
+                records[-1]["mod_attribute"] = query.modification.attribute
     return records
 
 

@@ -1,4 +1,4 @@
-"""What ``scenes.json`` says about synthetic queries: the attribute a change edits, and an oracle.
+"""An oracle of the synthetic benchmark: what ``scenes.json`` and a query's text say its answer is.
 
 The oracle reads a modification text with the scene vocabulary alone (the attribute values and
 the cell names, not the generator's templates), finds the one reference object the text names,
@@ -43,18 +43,6 @@ def load_scenes(root: str | Path) -> dict[str, Scene]:
         }
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a synthetic scene file ({type(e).__name__}: {e})") from None
-
-
-def changed_attribute(reference: Scene, target: Scene) -> str | None:
-    """The attribute (shape, color, size) a ``change`` edit altered; None for other edits."""
-    gone, new = set(reference) - set(target), set(target) - set(reference)
-    if len(gone) != 1 or len(new) != 1:
-        return None
-    (old,), (now,) = gone, new
-    if old.cell != now.cell:
-        return None
-    differing = [a for a in ATTRIBUTES if getattr(old, a) != getattr(now, a)]
-    return differing[0] if len(differing) == 1 else None
 
 
 def read_modification(text: str, mod_type: str, reference: Scene) -> Scene:

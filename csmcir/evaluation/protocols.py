@@ -119,16 +119,17 @@ def compute(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str
 
 
 def query_groups(split: CIRSplit) -> dict[str, list[int]]:
-    """Query rows by modification type (``extra["mod_type"]``) and, for ``change`` queries, by
-    the attribute changed (``change:<extra["changed"]>``); empty for benchmarks without types."""
+    """Query rows by modification type (``extra["mod_type"]``) and, where the annotation says
+    what a modification edits, by that too (``change:color`` from ``extra["mod_attribute"]``);
+    empty for benchmarks without types."""
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(split.queries):
         kind = q.extra.get("mod_type")
         if kind is None:
             continue
         groups.setdefault(kind, []).append(i)
-        if q.extra.get("changed"):
-            groups.setdefault(f"{kind}:{q.extra['changed']}", []).append(i)
+        if q.extra.get("mod_attribute"):
+            groups.setdefault(f"{kind}:{q.extra['mod_attribute']}", []).append(i)
     return dict(sorted(groups.items()))
 
 
