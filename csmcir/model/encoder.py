@@ -27,6 +27,7 @@ from transformers.initialization import no_init_weights
 from csmcir.errors import ConfigError
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.fingerprint import tensor_fingerprint
+from csmcir.model.init import init_random_weights
 from csmcir.model.transforms import ImageTransform
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,9 +163,7 @@ class CSMCIR(nn.Module):
         self.transform = ImageTransform(config.image)
         if blip is None:
             blip = Blip2ForImageTextRetrieval(blip2_config(config))
-            # transformers zero-initialises the query tokens; identical queries would get
-            # identical gradients and never differentiate. LAVIS draws them like BERT weights.
-            nn.init.normal_(blip.query_tokens, std=blip.config.qformer_config.initializer_range)
+            init_random_weights(blip)  # scaled to the width: see csmcir/model/init.py
         self.vision_model = blip.vision_model
         self.tower = QFormerTower(blip)
         self.target_tower = copy.deepcopy(self.tower) if config.tower == "separate" else None
