@@ -43,7 +43,7 @@ def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
 
     if Path(spec).is_dir():
         return CSMCIR.from_pretrained(spec)
-    from csmcir.model.presets import list_presets, load_preset
+    from csmcir.model.registry import list_presets, load_preset
 
     if spec not in list_presets():
         raise ConfigError(

@@ -159,7 +159,7 @@ class CSMCIRModule(L.LightningModule):
 
     def _expected_target_text(self) -> str | None:
         """What the model will read on the target side, when known before building it."""
-        from csmcir.model.presets import load_preset
+        from csmcir.model.registry import load_preset
 
         hp = self.hparams
         options = hp.model_options or {}
@@ -179,7 +179,7 @@ class CSMCIRModule(L.LightningModule):
 
     def _build_model(self, datamodule):
         from csmcir.model import CSMCIR
-        from csmcir.model.presets import load_preset
+        from csmcir.model.registry import load_preset
 
         hp = self.hparams
         options = dict(hp.model_options or {})
