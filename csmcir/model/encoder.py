@@ -186,6 +186,9 @@ class CSMCIR(nn.Module):
                 enable_checkpointing(tower.qformer)
             if not config.freeze_vision:
                 enable_checkpointing(self.vision_model)
+        # One mode for every module whatever built them: from_pretrained hands over
+        # transformers modules in eval mode.
+        self.train()
 
     # construction and files (csmcir.model.registry dispatches to the model kind)
 
