@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("csmcir.demo", "browser retrieval demo (Gradio)"),
     "plot": ("csmcir.plots.cli", "pictures: embeddings"),
     "ablate": ("csmcir.ablation", "train and evaluate a grid of ablation variants"),
+    "export": ("csmcir.model.export_cli", "a trained model for other tools: hf (transformers)"),
 }
 
 
