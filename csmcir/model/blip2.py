@@ -9,17 +9,26 @@ kept, frozen, so that ``csmcir export hf`` can give them back.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import Blip2ForImageTextRetrieval
+from transformers import (
+    Blip2Config,
+    Blip2ForImageTextRetrieval,
+    BlipImageProcessor,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
 
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import read_json
-from csmcir.model.config import RESAMPLES
-from csmcir.model.folder import WEIGHTS_FILE
+from csmcir.model.config import RESAMPLES, ImageConfig
+from csmcir.model.folder import WEIGHTS_FILE, swap_in
 from csmcir.model.registry import CONFIG_FILE, Preset, refuse_checkpoint_file
 from csmcir.model.tokenizer import VOCAB_FILES, load_tokenizer
 
@@ -36,6 +45,7 @@ UNUSED_PREFIXES = ("itm_head.",)
 GENERATION_PREFIXES = ("language_model.", "language_projection.")
 # PIL's filter numbers, as image processors store ``resample``.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+ITM_HEAD = ("itm_head.weight", "itm_head.bias")
 
 # Architecture keys read back from a downloaded BLIP-2 config (the rest are transformers' own).
 VISION_KEYS = (
@@ -66,6 +76,12 @@ QFORMER_KEYS = (
     "pad_token_id",
     "initializer_range",
 )
+
+
+def a_few(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` names and how many more: a readable list of a long one."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def missing_blip2_files(folder: Path) -> list[str]:
@@ -104,6 +120,25 @@ def checkpoint_keys(folder: Path) -> list[str]:
         raise DataError(f"unreadable BLIP-2 checkpoint in {folder}: {e}") from None
 
 
+def read_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a folder's checkpoint whose names start with ``prefix`` (shards too)."""
+    if (folder / WEIGHTS_FILE).is_file():
+        files = {k: WEIGHTS_FILE for k in checkpoint_keys(folder)}
+    else:
+        files = read_json(folder / INDEX_FILE, "weights index").get("weight_map", {})
+    wanted: dict[str, list[str]] = {}
+    for key, file in files.items():
+        if key.startswith(prefix):
+            wanted.setdefault(file, []).append(key)
+    if not wanted:
+        raise DataError(f"the checkpoint in {folder} has no {prefix}* weights")
+    tensors = {}
+    for file, keys in wanted.items():
+        with safe_open(str(folder / file), "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in keys}
+    return tensors
+
+
 def refuse_generation_checkpoint(folder: Path, keys: list[str]) -> None:
     """A blip2-opt / blip2-flan-t5 folder is also ``model_type: blip-2``, but it has a language
     model instead of the Q-Former's text embeddings and text projection, which CSMCIR runs."""
@@ -135,11 +170,10 @@ def load_retrieval_model(folder: Path) -> tuple[Blip2ForImageTextRetrieval, bool
     missing = sorted(info["missing_keys"])
     needed = [k for k in missing if not k.startswith(UNUSED_PREFIXES)]
     if needed:
-        shown = ", ".join(needed[:5]) + (f" and {len(needed) - 5} more" if len(needed) > 5 else "")
         raise DataError(
-            f"{folder} lacks {len(needed)} weight(s) CSMCIR needs: {shown}. transformers would "
-            "initialise them at random; use a complete Blip2ForImageTextRetrieval checkpoint "
-            f"({RETRIEVAL_REPO})"
+            f"{folder} lacks {len(needed)} weight(s) CSMCIR needs: {a_few(needed)}. "
+            "transformers would initialise them at random; use a complete "
+            f"Blip2ForImageTextRetrieval checkpoint ({RETRIEVAL_REPO})"
         )
     has_itm_head = not any(k.startswith(UNUSED_PREFIXES) for k in missing)
     return blip, has_itm_head
@@ -238,3 +272,61 @@ def from_blip2_folder(
         itm_head=has_itm_head,
     ).replace(**overrides)
     return cls(config, load_tokenizer(folder), blip=blip)
+
+
+def image_processor(image: ImageConfig) -> BlipImageProcessor:
+    """BLIP-2's image processor for a resize-mode ``ImageConfig`` (what it can express)."""
+    return BlipImageProcessor(
+        size={"height": image.size, "width": image.size},
+        image_mean=list(image.mean),
+        image_std=list(image.std),
+        resample={name: number for number, name in PIL_RESAMPLE.items()}[image.resample],
+    )
+
+
+def write_retrieval_folder(
+    config: Blip2Config,
+    state: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    processor: BlipImageProcessor,
+    folder: Path,
+    source: str,
+) -> bool:
+    """Write a new ``Blip2ForImageTextRetrieval`` folder laid out as the hub's; True when the
+    ``itm_head`` came with ``state``, False when it had to be freshly initialised.
+
+    Every other weight of the architecture must be in ``state`` and nothing else may be:
+    transformers' ``save_pretrained`` writes what ``from_pretrained`` reads back.
+    """
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"{folder} exists and is not an empty folder: pick a new --out")
+    with no_init_weights():
+        blip = Blip2ForImageTextRetrieval(config)
+    expected = set(blip.state_dict())
+    missing = sorted(expected - set(state) - set(ITM_HEAD))
+    if missing:
+        raise DataError(f"{source} lacks {len(missing)} weight(s) BLIP-2 needs: {a_few(missing)}")
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise DataError(f"{source}: no place in BLIP-2 for {a_few(unexpected)}")
+    kept = all(k in state for k in ITM_HEAD)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    if not kept:
+        generator = torch.Generator().manual_seed(0)
+        std = config.qformer_config.initializer_range
+        weight = torch.randn(blip.itm_head.weight.shape, generator=generator) * std
+        state |= {"itm_head.weight": weight, "itm_head.bias": torch.zeros(2)}
+    blip.load_state_dict(state, strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        blip.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        processor.save_pretrained(tmp)
+        if folder.exists():
+            folder.rmdir()
+        swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return kept

@@ -9,23 +9,17 @@ freshly initialised, and the report says so.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Blip2ForImageTextRetrieval, BlipImageProcessor
-from transformers.initialization import no_init_weights
+from transformers import Blip2ForImageTextRetrieval
 
-from csmcir.errors import ConfigError, DataError
-from csmcir.model.blip2 import PIL_RESAMPLE
+from csmcir.errors import ConfigError
+from csmcir.model.blip2 import image_processor, write_retrieval_folder
 from csmcir.model.encoder import CSMCIR, blip2_config
-from csmcir.model.folder import swap_in
 from csmcir.model.modes import eval_mode
-
-RESAMPLE_NUMBER = {name: number for number, name in PIL_RESAMPLE.items()}
 
 
 @dataclass
@@ -63,39 +57,20 @@ def check_exportable(model) -> None:
         )
 
 
-def hf_model(model: CSMCIR, seed: int = 0) -> tuple[Blip2ForImageTextRetrieval, bool]:
-    """The transformers model with our weights, and whether its ``itm_head`` is the source's."""
-    check_exportable(model)
-    with no_init_weights():
-        blip = Blip2ForImageTextRetrieval(blip2_config(model.config))
-    state = {k.removeprefix("tower."): v.detach().cpu() for k, v in model.state_dict().items()}
-    kept = model.itm_head is not None
-    if not kept:
-        generator = torch.Generator().manual_seed(seed)
-        std = blip.config.qformer_config.initializer_range
-        weight = torch.randn(blip.itm_head.weight.shape, generator=generator) * std
-        state |= {"itm_head.weight": weight, "itm_head.bias": torch.zeros(2)}
-    blip.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return blip.eval(), kept
-
-
-def image_processor(model: CSMCIR) -> BlipImageProcessor:
-    image = model.config.image
-    return BlipImageProcessor(
-        size={"height": image.size, "width": image.size},
-        image_mean=list(image.mean),
-        image_std=list(image.std),
-        resample=RESAMPLE_NUMBER[image.resample],
-    )
-
-
 def export_hf(model: CSMCIR, folder: str | Path) -> HFExport:
     """Write ``folder`` (new or empty): config.json, model.safetensors, tokenizer files and
     preprocessor_config.json, as the hub's ``Salesforce/blip2-itm-vit-g`` is laid out."""
-    blip, kept = hf_model(model)
+    check_exportable(model)
+    state = {k.removeprefix("tower."): v for k, v in model.state_dict().items()}
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DataError(f"{folder} exists and is not an empty folder: pick a new --out")
+    kept = write_retrieval_folder(
+        blip2_config(model.config),
+        state,
+        model.tokenizer,
+        image_processor(model.config.image),
+        folder,
+        source="the model",
+    )
     report = HFExport(folder, "kept" if kept else "fresh")
     if model.config.image.mode == "target_pad":
         report.notes.append(
@@ -108,18 +83,6 @@ def export_hf(model: CSMCIR, folder: str | Path) -> HFExport:
             "targets are image-only (target_text none): transformers' ITC image_embeds are "
             "this model's target embeddings"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        blip.save_pretrained(tmp)
-        model.tokenizer.save_pretrained(str(tmp))
-        image_processor(model).save_pretrained(tmp)
-        if folder.exists():
-            folder.rmdir()
-        swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
