@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from blip2_folder import make_blip2_folder
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -65,9 +64,8 @@ def fit(blip2, synthcir, captions, bank, max_steps, ckpt_dir=None, resume=None):
 
 
 def test_modes_are_right_and_the_same_with_the_bank_and_after_resume(
-    blip2, synthcir, captions, tmp_path
+    blip2, synthcir, captions, tmp_path, one_thread
 ):
-    torch.set_num_threads(1)
     plain, modes = fit(blip2, synthcir, captions, None, 4)
     model = plain.model
     dropouts = {n for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
