@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.evaluation.encode import load_model as eval_model
 from csmcir.model import CSMCIR
+from csmcir.model.features_cli import load_model as features_model
 
 TEXTS = ["make the circle blue", "remove the green square", "add a big triangle"]
 SPURIOUS = "You are using a model of type"
@@ -164,6 +166,8 @@ def test_a_checkpoint_file_where_a_folder_belongs_names_the_converter(tmp_path) 
     for load in (
         lambda: CSMCIR.from_pretrained(pth),
         lambda: CSMCIR.from_preset("blip2-vitg", weights=pth),
+        lambda: eval_model(str(pth), list),  # csmcir eval / index --model
+        lambda: features_model(str(pth), None),  # csmcir features --model
     ):
         with pytest.raises(DataError, match="LAVIS") as err:
             load()

@@ -55,7 +55,7 @@ def load_model(name: str, weights: Path | None, options: dict[str, Any] | None =
     from csmcir.model.registry import list_presets, load_preset
 
     options = options or {}
-    if Path(name).is_dir():
+    if Path(name).exists():  # a folder, or a file from_pretrained explains
         return CSMCIR.from_pretrained(name, **options)
     if name in list_presets():
         if load_preset(name).weights is None:
