@@ -228,6 +228,8 @@ def test_what_is_not_lavis_blip2_is_refused_by_name(lavis, tmp_path, capsys) -> 
     other = tmp_path / "cased"
     build_wordpiece_tokenizer(["Other Words Entirely"], vocab_size=150).save_pretrained(str(other))
     torch.save({"model": sd}, tmp_path / "ok.pth")
+    assert convert(tmp_path / "ok.pth", tmp_path / "nowhere", tmp_path / "out") == 2
+    assert "huggingface-cli download google-bert/bert-base-uncased" in capsys.readouterr().err
     assert convert(tmp_path / "ok.pth", other, tmp_path / "out") == 2
     assert "bert-base-uncased plus [DEC]" in capsys.readouterr().err
 

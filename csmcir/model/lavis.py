@@ -304,6 +304,12 @@ def vision_weights(
 def bert_tokenizer(folder: Path, rows: int, record: Conversion) -> PreTrainedTokenizerBase:
     """The Q-Former's tokenizer: bert-base-uncased plus ``[DEC]`` as LAVIS builds it, with
     exactly one token for every row of the word embeddings."""
+    if not folder.is_dir():
+        raise DataError(
+            f"--tokenizer folder not found: {folder}. Download it once: huggingface-cli download "
+            f"google-bert/bert-base-uncased --local-dir {folder} (a blip2-itm-vit-g folder, "
+            "whose tokenizer already has [DEC], works too)"
+        )
     tokenizer = load_tokenizer(folder)
     if DEC_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
