@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("csmcir.quickstart", "the whole method end to end on the synthetic benchmark"),
     "data": ("csmcir.data.cli", "datasets: synth (generate the synthetic benchmark), check"),
     "caption": ("captioning.cli", "offline MCoT captioning: run, merge, show"),
+    "convert": ("csmcir.model.convert_cli", "other codebases' weights into BLIP-2 folders: lavis"),
     "features": ("csmcir.model.features_cli", "frozen-ViT feature cache: extract"),
     "fit": ("csmcir.train.cli", "train a model (LightningCLI)"),
     "validate": ("csmcir.train.cli", "validate a model (LightningCLI)"),
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("csmcir.demo", "browser retrieval demo (Gradio)"),
     "plot": ("csmcir.plots.cli", "pictures: embeddings"),
     "ablate": ("csmcir.ablation", "train and evaluate a grid of ablation variants"),
+    "export": ("csmcir.model.export_cli", "a trained model for other tools: hf (transformers)"),
 }
 
 

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from csmcir import cli as csmcir_cli
 from csmcir.data.synth import SynthConfig, generate
@@ -21,6 +22,16 @@ def shared_benchmarks() -> Path:
     if not SHARED_BENCHMARKS.is_dir():
         pytest.skip(f"real annotation files not found at {SHARED_BENCHMARKS}")
     return SHARED_BENCHMARKS
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test that trains: on a shared 2-core machine two threads run
+    several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

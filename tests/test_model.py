@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from blip2_folder import CORPUS
 from PIL import Image
 from transformers import Blip2ForImageTextRetrieval
 
@@ -15,14 +16,6 @@ from csmcir.errors import ConfigError, DataError
 from csmcir.model import CSMCIR, CSMCIRConfig, build_wordpiece_tokenizer, load_preset
 from csmcir.model.encoder import blip2_config, enable_checkpointing
 
-CORPUS = [
-    "make the red circle blue",
-    "remove the small green square",
-    "add a big yellow triangle at the top left",
-    "move the blue circle to the bottom right",
-    "change the square into a circle",
-    "a small red circle and a big green square",
-]
 TEXTS = ["make the circle blue", "remove the green square", "add a big triangle"]
 
 
@@ -283,7 +276,7 @@ def test_blip2_preset_loads_a_local_blip2_folder(tmp_path, pixels: torch.Tensor)
     assert m.config.image.pad_ratio == 1.5  # overrides merge with what the folder gives
     assert m.config.preset == "blip2-vitg" and m.config.freeze_vision
     assert m.config.vision["hidden_size"] == 64 and m.config.num_query_tokens == 8
-    assert m.config.image.mode == "target_pad" and m.config.image.size == 64
+    assert m.config.image.mode == "resize" and m.config.image.size == 64  # BLIP-2's processor
     tokens = m.tokenize(TEXTS)
     with torch.no_grad():
         ours = m.encode_query(TEXTS, pixels)

@@ -201,6 +201,10 @@ def test_summarise_names_and_combines_the_figures():
     assert fiq["val/score"] == 30.0  # mean of the two category averages
     shoes = summarise("shoes", {"test": {"R@1": 10.0, "R@10": 40.0, "R@50": 70.0}})
     assert shoes["val/score"] == 40.0
+    # FashionIQ trained on one category (--data.categories [dress]) validates on that one
+    dress = summarise("fashioniq", {"dress": {"R@10": 10.0, "R@50": 30.0}})
+    assert dress["val/dress/R@10"] == 10.0 and dress["val/R@50"] == 30.0
+    assert dress["val/score"] == 20.0
 
 
 @pytest.mark.slow

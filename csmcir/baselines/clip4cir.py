@@ -7,7 +7,7 @@ It has the encoder API of :class:`csmcir.model.CSMCIR` (``preprocess``, ``encode
 ``encode_target``, ``similarity``, ``fingerprint``, ``save_pretrained`` / ``from_pretrained``,
 ``config.target_text == "none"``), so the training module, ``csmcir eval`` and the index use it
 unchanged. ``CSMCIR.from_preset("clip4cir-tiny")`` and ``CSMCIR.from_pretrained(folder)`` of
-an exported baseline return this class (see ``csmcir.model.loading``).
+an exported baseline return this class (see ``csmcir.model.registry``).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class CLIP4Cir(nn.Module):
                 param.requires_grad_(config.train_text_encoder)
         self.train(self.training)
 
-    # construction and files (implemented in csmcir.baselines.loading)
+    # construction and files (implemented in csmcir.baselines.loading, found by the registry)
 
     @classmethod
     def from_preset(
@@ -111,10 +111,11 @@ class CLIP4Cir(nn.Module):
         ``$CSMCIR_OPENCLIP_WEIGHTS`` or ``checkpoints/openclip-vit-b-32``). ``overrides`` change
         config fields, e.g. ``train_text_encoder=True``, ``clip_model="ViT-B-16"``.
         """
-        from csmcir.baselines.loading import from_preset, load_baseline_preset
+        from csmcir.model.registry import kind
 
-        return from_preset(
-            load_baseline_preset(name),
+        baseline = kind(MODEL_TYPE)
+        return baseline.from_preset(
+            baseline.load_preset(name),
             tokenizer_corpus=tokenizer_corpus,
             tokenizer=tokenizer,
             weights=weights,
@@ -126,13 +127,13 @@ class CLIP4Cir(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> CLIP4Cir:
         """Load an exported baseline folder (model.safetensors, config.json, tokenizer file)."""
-        from csmcir.baselines.loading import from_pretrained
+        from csmcir.model.registry import kind
 
-        return from_pretrained(folder, overrides)
+        return kind(MODEL_TYPE).from_pretrained(Path(folder), overrides)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write model.safetensors, config.json and the tokenizer; the folder is swapped in."""
-        from csmcir.model.loading import save_pretrained
+        from csmcir.model.folder import save_pretrained
 
         return save_pretrained(self, folder)
 

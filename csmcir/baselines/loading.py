@@ -1,8 +1,9 @@
 """Building and loading the CLIP4Cir baseline: presets, local OpenCLIP checkpoints, exports.
 
-Presets are JSON files in ``csmcir/baselines/presets/`` and share one namespace with the CSMCIR
-presets (``csmcir.model.presets.load_preset`` finds them too). An exported folder is written by
-``csmcir.model.loading.save_pretrained``: ``config.json`` (``{"model_type": "clip4cir",
+This module declares the ``clip4cir`` model kind (see ``csmcir.model.registry``). Presets are
+JSON files in ``csmcir/baselines/presets/`` and share one namespace with the CSMCIR presets
+(``csmcir.model.load_preset`` finds them too). An exported folder is written by
+``csmcir.model.folder.save_pretrained``: ``config.json`` (``{"model_type": "clip4cir",
 "format_version": 1, "config": {...}}``), ``model.safetensors`` and the tokenizer's file(s).
 Nothing downloads: an OpenCLIP checkpoint is read from a local path, and a missing one is an
 error that says what to download and where to put it.
@@ -17,20 +18,16 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from csmcir.baselines.clip4cir import CLIP4Cir, build_clip
 from csmcir.baselines.config import MODEL_TYPE, CLIP4CirConfig
 from csmcir.baselines.text import OpenCLIPTokenizer, WordPieceTokenizer, load_text_tokenizer
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import read_json
-from csmcir.model.presets import Preset
+from csmcir.model.folder import load_weights, read_model_config
+from csmcir.model.registry import ModelKind, Preset
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # Weight files of an open_clip model folder, in the order open_clip itself prefers them.
 CHECKPOINT_NAMES = (
@@ -45,17 +42,12 @@ CHECKPOINT_NAMES = (
 RUNTIME_OPTIONS = ("precision", "train_image_encoder", "train_text_encoder", "dropout")
 
 
-def list_baseline_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def load_baseline_preset(name: str) -> Preset:
+def load_preset(name: str) -> Preset:
     """A baseline preset; a pretrained one gets its architecture from open_clip's own configs."""
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise ConfigError(
-            f"unknown baseline preset {name!r}; available: {', '.join(list_baseline_presets())}"
-        )
+        available = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        raise ConfigError(f"unknown baseline preset {name!r}; available: {available}")
     data = read_json(path, "preset file")
     config = dict(data["config"])
     if "clip" not in config:
@@ -183,51 +175,24 @@ def _from_openclip_checkpoint(preset: Preset, path: Path, overrides: dict[str, A
     return CLIP4Cir(config, tokenizer, clip=clip)
 
 
-def model_from_config(config: dict[str, Any], tokenizer_folder: str | Path) -> CLIP4Cir:
+def from_config(config: dict[str, Any], tokenizer_folder: Path) -> CLIP4Cir:
     """A random-weight baseline of a saved config, with the tokenizer saved in the folder."""
     config = CLIP4CirConfig.from_dict(config)
     return CLIP4Cir(config, load_text_tokenizer(config.tokenizer, tokenizer_folder))
 
 
-def from_pretrained(folder: str | Path, overrides: dict[str, Any]) -> CLIP4Cir:
-    folder = Path(folder)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise DataError(
-            f"model folder {folder} has no {CONFIG_FILE}: expected an exported baseline "
-            f"({CONFIG_FILE}, {WEIGHTS_FILE}, tokenizer files)"
-        )
-    data = read_json(config_path, "model config")
-    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
-        raise DataError(f"{config_path} is not a {MODEL_TYPE} model config")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{config_path}: format_version {data.get('format_version')!r} is not supported by "
-            f"this csmcir (expects {FORMAT_VERSION})"
-        )
-    unknown = sorted(set(overrides) - set(RUNTIME_OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"from_pretrained can change only {', '.join(RUNTIME_OPTIONS)}; "
-            f"got {', '.join(unknown)}"
-        )
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise DataError(f"model folder {folder} is incomplete, missing: {WEIGHTS_FILE}")
-    config = CLIP4CirConfig.from_dict(data.get("config")).replace(**overrides)
+def from_pretrained(folder: Path, overrides: dict[str, Any]) -> CLIP4Cir:
+    config = read_model_config(Path(folder), MODEL_TYPE, overrides, RUNTIME_OPTIONS)
+    config = CLIP4CirConfig.from_dict(config).replace(**overrides)
     model = CLIP4Cir(config, load_text_tokenizer(config.tokenizer, folder))
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"unreadable weights {folder / WEIGHTS_FILE}: {e}") from None
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise DataError(
-            f"{folder / WEIGHTS_FILE} does not match {config_path}: {str(e).splitlines()[-1]}"
-        ) from None
-    if result.missing_keys or result.unexpected_keys:
-        raise DataError(
-            f"{folder / WEIGHTS_FILE} does not match {config_path}: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return model
+    return load_weights(model, Path(folder))
+
+
+KIND = ModelKind(
+    model_type=MODEL_TYPE,
+    preset_dir=PRESET_DIR,
+    load_preset=load_preset,
+    from_preset=from_preset,
+    from_pretrained=from_pretrained,
+    from_config=from_config,
+)

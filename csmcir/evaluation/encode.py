@@ -41,9 +41,9 @@ def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
     """
     from csmcir.model import CSMCIR
 
-    if Path(spec).is_dir():
+    if Path(spec).exists():  # a folder, or a file from_pretrained explains
         return CSMCIR.from_pretrained(spec)
-    from csmcir.model.presets import list_presets, load_preset
+    from csmcir.model.registry import list_presets, load_preset
 
     if spec not in list_presets():
         raise ConfigError(

@@ -2,7 +2,7 @@
 
 from csmcir.model.config import CSMCIRConfig, ImageConfig
 from csmcir.model.encoder import CSMCIR
-from csmcir.model.presets import list_presets, load_preset
+from csmcir.model.registry import list_presets, load_preset
 from csmcir.model.tokenizer import build_wordpiece_tokenizer
 
 __all__ = [

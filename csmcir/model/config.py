@@ -17,6 +17,8 @@ TOWERS = ("shared", "separate")
 TARGET_TEXTS = ("caption", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZE_MODES = ("resize", "target_pad")
+# PIL's resampling filters by name; BLIP-2's image processor and LAVIS use bicubic.
+RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 # CLIP's normalisation, which EVA ViT-g (BLIP-2's vision tower) was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,8 +29,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ImageConfig:
     """How a PIL image becomes the ViT's input; part of the feature-cache key.
 
-    ``mode="resize"`` squashes to ``size`` x ``size``; ``"target_pad"`` pads images whose aspect
-    ratio exceeds ``pad_ratio`` (CLIP4Cir/SPRC), resizes the short side and centre-crops.
+    ``mode="resize"`` squashes to ``size`` x ``size`` (BLIP-2's image processor, LAVIS);
+    ``"target_pad"`` pads images whose aspect ratio exceeds ``pad_ratio`` (CLIP4Cir/SPRC),
+    resizes the short side and centre-crops. ``resample`` is the PIL filter of either resize.
     """
 
     size: int = 224
@@ -36,11 +39,13 @@ class ImageConfig:
     pad_ratio: float = 1.25
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         _check_choice("image.mode", self.mode, RESIZE_MODES)
+        _check_choice("image.resample", self.resample, RESAMPLES)
         if self.size < 1:
             raise ConfigError(f"model config: image.size must be positive, got {self.size}")
         if self.pad_ratio < 1:
@@ -116,6 +121,8 @@ class CSMCIRConfig(JSONConfig):
         gradient_checkpointing: trade compute for memory in the Q-Former (and a trainable ViT).
         max_text_length: texts are truncated to this many tokens, [CLS] and [SEP] included.
         image: preprocessing, see :class:`ImageConfig`.
+        itm_head: the model carries its source checkpoint's image-text-matching head (frozen,
+            never read by CSMCIR) so that ``csmcir export hf`` gives it back to transformers.
     """
 
     LABEL = "model"
@@ -132,6 +139,7 @@ class CSMCIRConfig(JSONConfig):
     gradient_checkpointing: bool = False
     max_text_length: int = 32
     image: ImageConfig = field(default_factory=ImageConfig)
+    itm_head: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):

@@ -24,10 +24,10 @@ from torch import nn
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from csmcir.errors import ConfigError
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.fingerprint import tensor_fingerprint
 from csmcir.model.init import init_random_weights
+from csmcir.model.tokenizer import check_vocabulary, clamp_ids
 from csmcir.model.transforms import ImageTransform
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,6 +139,8 @@ class CSMCIR(nn.Module):
     weights of any architecture.
     """
 
+    model_type = "csmcir"
+
     @classmethod
     def skeleton(cls, config: CSMCIRConfig, tokenizer: PreTrainedTokenizerBase) -> CSMCIR:
         """A model whose weights will be loaded next: no random init (ViT-g's takes ~40 s)."""
@@ -153,11 +155,7 @@ class CSMCIR(nn.Module):
     ) -> None:
         """Adopt the modules of ``blip`` (pretrained weights), or of a random-initialised one."""
         super().__init__()
-        vocab = config.qformer.get("vocab_size", 30522)
-        if len(tokenizer) > vocab:
-            raise ConfigError(
-                f"tokenizer has {len(tokenizer)} tokens but the Q-Former's vocab_size is {vocab}"
-            )
+        check_vocabulary(tokenizer, config.qformer.get("vocab_size", 30522))
         self.config = config
         self.tokenizer = tokenizer
         self.transform = ImageTransform(config.image)
@@ -167,6 +165,8 @@ class CSMCIR(nn.Module):
         self.vision_model = blip.vision_model
         self.tower = QFormerTower(blip)
         self.target_tower = copy.deepcopy(self.tower) if config.tower == "separate" else None
+        # Never read by CSMCIR; kept, frozen, for `csmcir export hf` (see config.itm_head).
+        self.itm_head = blip.itm_head.requires_grad_(False) if config.itm_head else None
         image_targets = config.target_text == "none"
         if self.target_tower is None:
             unused = self.tower.unused_parameters(fused=True, image_only=image_targets)
@@ -185,8 +185,11 @@ class CSMCIR(nn.Module):
                 enable_checkpointing(tower.qformer)
             if not config.freeze_vision:
                 enable_checkpointing(self.vision_model)
+        # One mode for every module whatever built them: from_pretrained hands over
+        # transformers modules in eval mode.
+        self.train()
 
-    # construction and files (implemented in csmcir.model.loading)
+    # construction and files (csmcir.model.registry dispatches to the model kind)
 
     @classmethod
     def from_preset(
@@ -204,12 +207,12 @@ class CSMCIR(nn.Module):
 
         ``weights`` is the BLIP-2 folder (default ``$CSMCIR_BLIP2_DIR`` or
         ``checkpoints/blip2-itm-vit-g``); ``overrides`` change config fields, e.g.
-        ``tower="separate"``, ``target_text="none"``, ``precision="bf16"``.
+        ``tower="separate"``, ``target_text="none"``, ``precision="bf16"``. A baseline preset
+        (``clip4cir-*``) gives that model kind.
         """
-        from csmcir.model.loading import from_preset
+        from csmcir.model.registry import from_preset
 
         return from_preset(
-            cls,
             name,
             tokenizer_corpus=tokenizer_corpus,
             tokenizer=tokenizer,
@@ -221,14 +224,14 @@ class CSMCIR(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> CSMCIR:
-        """Load an exported folder (or a downloaded BLIP-2 ``blip2-itm-vit-g`` folder)."""
-        from csmcir.model.loading import from_pretrained
+        """Load an exported folder (of any model kind) or a downloaded BLIP-2 folder."""
+        from csmcir.model.registry import from_pretrained
 
-        return from_pretrained(cls, folder, overrides)
+        return from_pretrained(folder, overrides)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write model.safetensors, config.json and the tokenizer; the folder is swapped in."""
-        from csmcir.model.loading import save_pretrained
+        from csmcir.model.folder import save_pretrained
 
         return save_pretrained(self, folder)
 
@@ -263,7 +266,12 @@ class CSMCIR(nn.Module):
             max_length=self.config.max_text_length,
             return_tensors="pt",
         )
-        return {key: enc[key].to(self.device) for key in ("input_ids", "attention_mask")}
+        vocab = self.config.qformer.get("vocab_size", 30522)
+        ids = clamp_ids(enc["input_ids"], vocab, self.tokenizer.unk_token_id)
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.precision)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from csmcir.data.images import load_image
 from csmcir.errors import DataError
 from csmcir.io import atomic_write, atomic_write_json, read_json
+from csmcir.model.modes import eval_mode
 
 if TYPE_CHECKING:
     from csmcir.model.encoder import CSMCIR
@@ -195,19 +196,14 @@ def extract_features(
             cache = FeatureCache(folder, meta, {"shards": [], "ids": {}})
         todo = [i for i in image_paths if i not in cache]
         index = {"shards": list(cache._shards), "ids": {k: list(v) for k, v in cache._rows.items()}}
-        was_training = model.training
-        model.eval()
-        try:
-            bar = tqdm(
-                total=len(todo), desc="extracting ViT features", unit="img", disable=not progress
-            )
-            with bar:
-                for start in range(0, len(todo), shard_size):
-                    chunk = todo[start : start + shard_size]
-                    feats = _run_vit(model, [image_paths[i] for i in chunk], batch_size, bar)
-                    _write_shard(folder, index, chunk, feats)
-        finally:
-            model.train(was_training)
+        bar = tqdm(
+            total=len(todo), desc="extracting ViT features", unit="img", disable=not progress
+        )
+        with eval_mode(model), bar:
+            for start in range(0, len(todo), shard_size):
+                chunk = todo[start : start + shard_size]
+                feats = _run_vit(model, [image_paths[i] for i in chunk], batch_size, bar)
+                _write_shard(folder, index, chunk, feats)
         return FeatureCache.open(folder)
 
 

@@ -52,10 +52,10 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(name: str, weights: Path | None, options: dict[str, Any] | None = None):
     """An exported/BLIP-2 folder, or a preset with weights; a random preset makes no cache."""
     from csmcir.model import CSMCIR
-    from csmcir.model.presets import list_presets, load_preset
+    from csmcir.model.registry import list_presets, load_preset
 
     options = options or {}
-    if Path(name).is_dir():
+    if Path(name).exists():  # a folder, or a file from_pretrained explains
         return CSMCIR.from_pretrained(name, **options)
     if name in list_presets():
         if load_preset(name).weights is None:
@@ -87,7 +87,7 @@ def apply_fit_config(args: argparse.Namespace) -> None:
     args.model_options = {
         k: v
         for k, v in (model.get("model_options") or {}).items()
-        if k in ("precision", "max_text_length")
+        if k in ("precision", "max_text_length", "image")
     }
     if args.model is None:
         args.model = model.get("init_from") or model.get("preset")

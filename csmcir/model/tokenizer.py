@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -20,9 +21,16 @@ from tokenizers import (
     pre_tokenizers,
     processors,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    BertTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    TokenizersBackend,
+)
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.io import read_json
 
 # [PAD] must be id 0: the Q-Former's word embeddings use padding_idx = pad_token_id = 0.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -90,14 +98,30 @@ def build_wordpiece_tokenizer(
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved in ``folder`` (ours or a BLIP-2 download), offline."""
+    """Load the tokenizer saved in ``folder`` (ours or a BLIP-2 download), offline.
+
+    The class comes from the tokenizer's own ``tokenizer_config.json``. ``AutoTokenizer`` would
+    read the folder's model ``config.json`` first, and on a CSMCIR folder (``model_type:
+    csmcir``, unknown to transformers) that printed a spurious "model of type csmcir" warning.
+    """
     folder = Path(folder)
     missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
     if not any((folder / f).is_file() for f in VOCAB_FILES):
         missing.append(" or ".join(VOCAB_FILES))
     if missing:
         raise DataError(f"tokenizer files missing in {folder}: {', '.join(missing)}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    settings = read_json(folder / "tokenizer_config.json", "tokenizer config")
+    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    if name is None:
+        cls = TokenizersBackend if (folder / "tokenizer.json").is_file() else BertTokenizer
+    else:
+        cls = tokenizer_class_from_name(name)
+        if cls is None:
+            raise DataError(
+                f"{folder / 'tokenizer_config.json'} names tokenizer_class {name!r}, which this "
+                "transformers does not have"
+            )
+    tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
     check_tokenizer(tokenizer, str(folder))
     return tokenizer
 
@@ -109,3 +133,31 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
     first = tokenizer("a")["input_ids"][0]
     if first != tokenizer.cls_token_id:
         raise DataError(f"tokenizer from {where} does not start encodings with [CLS]")
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """The tokenizer's words must all have a row in the Q-Former's ``vocab_size`` embeddings.
+
+    Tokens added after the vocabulary may lie beyond it: ``Blip2Processor`` adds ``<image>``
+    after BERT + ``[DEC]`` (30,523 rows), for generation models that strip it before the
+    Q-Former. :func:`clamp_ids` turns such an id into ``[UNK]`` should a text contain one.
+    """
+    base = tokenizer.vocab_size
+    if base > vocab_size:
+        raise ConfigError(
+            f"tokenizer has a vocabulary of {base} tokens but the Q-Former's vocab_size is "
+            f"{vocab_size}: it belongs to another model"
+        )
+    special = {"[CLS]": tokenizer.cls_token_id, "[PAD]": tokenizer.pad_token_id}
+    special |= {"[SEP]": tokenizer.sep_token_id, "[UNK]": tokenizer.unk_token_id}
+    beyond = [f"{t} ({i})" for t, i in special.items() if i is not None and i >= vocab_size]
+    if beyond:
+        raise ConfigError(
+            f"tokenizer ids beyond the Q-Former's vocab_size {vocab_size}: {', '.join(beyond)}"
+        )
+
+
+def clamp_ids(input_ids: torch.Tensor, vocab_size: int, unk_id: int) -> torch.Tensor:
+    """Ids the embeddings lack (added tokens such as ``<image>`` written in a text) -> [UNK]."""
+    beyond = input_ids >= vocab_size
+    return input_ids.masked_fill(beyond, unk_id) if beyond.any() else input_ids

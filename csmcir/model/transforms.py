@@ -29,12 +29,14 @@ def target_pad(image: Image.Image, ratio: float) -> Image.Image:
     return padded
 
 
-def resize_short_side_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is ``size`` (bicubic), then take the centre ``size`` square."""
+def resize_short_side_and_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """Resize so the short side is ``size``, then take the centre ``size`` square."""
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    image = image.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -44,6 +46,7 @@ class ImageTransform:
 
     def __init__(self, config: ImageConfig) -> None:
         self.config = config
+        self._resample = Image.Resampling[config.resample.upper()]
         # On the CPU whatever the default device: preprocessing runs where images are decoded.
         self._mean = torch.tensor(config.mean, device="cpu").view(3, 1, 1)
         self._std = torch.tensor(config.std, device="cpu").view(3, 1, 1)
@@ -52,9 +55,10 @@ class ImageTransform:
         cfg = self.config
         image = image.convert("RGB")
         if cfg.mode == "target_pad":
-            image = resize_short_side_and_crop(target_pad(image, cfg.pad_ratio), cfg.size)
+            padded = target_pad(image, cfg.pad_ratio)
+            image = resize_short_side_and_crop(padded, cfg.size, self._resample)
         elif image.size != (cfg.size, cfg.size):
-            image = image.resize((cfg.size, cfg.size), Image.Resampling.BICUBIC)
+            image = image.resize((cfg.size, cfg.size), self._resample)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (pixels - self._mean) / self._std
 

@@ -44,12 +44,12 @@ def model_from_entry(entry: dict[str, Any]):
 
     The config says which model it is (CSMCIR or the CLIP4Cir baseline).
     """
-    from csmcir.model.loading import model_from_config
+    from csmcir.model.registry import from_config
 
     with tempfile.TemporaryDirectory() as folder:
         for name, text in entry["tokenizer_files"].items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
-        return model_from_config(entry["model_config"], folder)
+        return from_config(entry["model_config"], folder)
 
 
 def model_from_checkpoint(path: str | Path):

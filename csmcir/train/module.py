@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from csmcir.errors import ConfigError
+from csmcir.model.modes import eval_mode
 from csmcir.train.datasets import GALLERY, QUERY
 from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
 from csmcir.train.loss import Temperature, info_nce, prediction_entropy
@@ -159,7 +160,7 @@ class CSMCIRModule(L.LightningModule):
 
     def _expected_target_text(self) -> str | None:
         """What the model will read on the target side, when known before building it."""
-        from csmcir.model.presets import load_preset
+        from csmcir.model.registry import load_preset
 
         hp = self.hparams
         options = hp.model_options or {}
@@ -179,7 +180,7 @@ class CSMCIRModule(L.LightningModule):
 
     def _build_model(self, datamodule):
         from csmcir.model import CSMCIR
-        from csmcir.model.presets import load_preset
+        from csmcir.model.registry import load_preset
 
         hp = self.hparams
         options = dict(hp.model_options or {})
@@ -260,10 +261,8 @@ class CSMCIRModule(L.LightningModule):
                 {image: batch["target_image"][:n].detach().clone()},
             )
         texts, inputs = self._probe
-        self.model.eval()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             embeddings = self.model.encode_target(texts, **inputs)
-        self.model.train()
         drift = self.memory_bank.probe_drift(embeddings)
         if drift is not None:
             self.log("bank/drift", drift, batch_size=len(texts))
@@ -359,6 +358,10 @@ class CSMCIRModule(L.LightningModule):
         self._rng_to_restore = stored["rng"]
 
     def on_train_start(self) -> None:
+        # Lightning does not put the module in train mode, and a model loaded with
+        # transformers' from_pretrained arrives in eval mode. CSMCIR.train keeps a frozen ViT in
+        # eval mode; validation restores whatever modes it found.
+        self.train()
         if self._rng_to_restore is not None:
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None

@@ -15,14 +15,14 @@ SCORE = "val/score"
 
 def summarise(benchmark: str, per_split: dict[str, dict[str, float]]) -> dict[str, float]:
     """``val/<metric>`` for one split; ``val/<split>/<metric>`` and the combination for several."""
-    if len(per_split) == 1:
+    if family(benchmark) == "fashioniq":  # per category, also when only one is trained
+        combined = fashioniq_summary(per_split)
+        logged = {f"val/{name}/{k}": v for name, m in per_split.items() for k, v in m.items()}
+    elif len(per_split) == 1:
         combined = next(iter(per_split.values()))
         logged = {}
     else:
-        if family(benchmark) != "fashioniq":
-            raise ValueError(f"{benchmark} validates on one split, got {sorted(per_split)}")
-        combined = fashioniq_summary(per_split)
-        logged = {f"val/{name}/{k}": v for name, m in per_split.items() for k, v in m.items()}
+        raise ValueError(f"{benchmark} validates on one split, got {sorted(per_split)}")
     logged |= {f"val/{k}": v for k, v in combined.items()}
     key = HEADLINE.get(family(benchmark))
     if key is None:

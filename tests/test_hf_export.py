@@ -1,0 +1,108 @@
+"""``csmcir export hf``: a shared-tower model as a folder transformers loads and computes alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from blip2_folder import CORPUS, make_blip2_folder
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer, Blip2ForImageTextRetrieval
+
+from csmcir.cli import main as csmcir_main
+from csmcir.model import CSMCIR
+
+TEXTS = ["make the circle blue", "remove the green square", "a <image> test"]
+
+
+def images(n: int = 3) -> list[Image.Image]:
+    torch.manual_seed(1)
+    return [
+        Image.fromarray((torch.rand(40 + 10 * i, 70, 3) * 255).to(torch.uint8).numpy())
+        for i in range(n)
+    ]
+
+
+def transformers_embeddings(folder: Path, model: CSMCIR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query embeddings by transformers' own multimodal pass (read at [CLS]) and its ITC image
+    embeddings, with its own processor and tokenizer loaded from the folder."""
+    blip = Blip2ForImageTextRetrieval.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, use_fast=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    pixels = processor.image_processor(images(), return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    vocab = blip.config.qformer_config.vocab_size
+    ids = tokens["input_ids"].masked_fill(tokens["input_ids"] >= vocab, tokenizer.unk_token_id)
+    n = blip.config.num_query_tokens
+    with torch.no_grad():
+        itm = blip(pixels, ids, tokens["attention_mask"], use_image_text_matching_head=True)
+        queries = F.normalize(blip.text_projection(itm.text_model_output.last_hidden_state[:, n]))
+        itc = blip(pixels, ids, tokens["attention_mask"], use_image_text_matching_head=False)
+    return queries, itc.image_embeds
+
+
+def export(model_dir: Path, out: Path, capsys) -> str:
+    assert csmcir_main(["export", "hf", str(model_dir), "--out", str(out)]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_fine_tuned_blip2_model_exports_with_its_itm_head(tmp_path, capsys) -> None:
+    source, blip = make_blip2_folder(tmp_path / "blip2-itm")
+    model = CSMCIR.from_pretrained(source)
+    with torch.no_grad():  # stand-in for fine-tuning: every trainable weight moves
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    trained = model.save_pretrained(tmp_path / "trained")
+    printed = export(trained, tmp_path / "hf", capsys)
+    assert "itm_head: the source checkpoint's" in printed and "verified" in printed
+
+    ours_model = CSMCIR.from_pretrained(trained).eval()
+    with torch.no_grad():
+        ours = ours_model.encode_query(TEXTS, images=images())
+    theirs, _ = transformers_embeddings(tmp_path / "hf", ours_model)
+    assert (ours - theirs).abs().max() <= 1e-6
+    exported = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
+    assert torch.equal(exported.itm_head.weight, blip.itm_head.weight)
+    assert not torch.equal(exported.text_projection.weight, blip.text_projection.weight)
+
+
+def test_a_random_model_exports_with_a_fresh_itm_head_and_says_so(tmp_path, capsys) -> None:
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0, target_text="none")
+    folder = model.save_pretrained(tmp_path / "tiny")
+    printed = export(folder, tmp_path / "hf", capsys)
+    assert "itm_head: freshly initialised" in printed
+    assert "ITC image_embeds are this model's target embeddings" in printed
+    model = CSMCIR.from_pretrained(folder).eval()
+    with torch.no_grad():
+        queries = model.encode_query(TEXTS, images=images())
+        targets = model.encode_target(None, images=images())
+    theirs_q, theirs_t = transformers_embeddings(tmp_path / "hf", model)
+    assert (queries - theirs_q).abs().max() <= 1e-6
+    assert (targets - theirs_t).abs().max() <= 1e-6
+
+
+def test_separate_towers_and_occupied_folders_are_refused(tmp_path, capsys) -> None:
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0, tower="separate")
+    folder = model.save_pretrained(tmp_path / "separate")
+    assert csmcir_main(["export", "hf", str(folder), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "separate query and target towers" in err and "two Q-Formers" in err
+    assert not (tmp_path / "hf").exists()
+    shared = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
+    folder = shared.save_pretrained(tmp_path / "shared")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    assert csmcir_main(["export", "hf", str(folder), "--out", str(tmp_path / "busy")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
+
+
+def test_a_blip2_folder_round_trips_unchanged(tmp_path, capsys) -> None:
+    """Loading a hub folder and exporting it gives back the same weights, bit for bit."""
+    source, blip = make_blip2_folder(tmp_path / "blip2-itm")
+    export(source, tmp_path / "hf", capsys)
+    again = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
+    theirs = blip.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in again.state_dict().items())
