@@ -149,6 +149,29 @@ def test_uploads_must_be_small_decodable_images(demo, tmp_path):
         RetrievalDemo(demo.model, demo.index, max_upload_mb=0)
 
 
+def page_function(app, name: str):
+    """The Python function behind one of the page's events."""
+    return next(f.fn for f in app.fns.values() if f.name == name)
+
+
+def test_a_decompression_bomb_upload_is_refused_and_clears_the_reference(demo, tmp_path):
+    from csmcir.data.images import ImageTooLargeError
+    from csmcir.demo.app import NO_REFERENCE, build_app
+
+    bomb = tmp_path / "bomb.png"  # 27 KB on disk, 225 megapixels decoded
+    Image.new("1", (15000, 15000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < demo.max_upload_bytes  # the size cap lets it through
+    limit = r"bomb\.png has over 178,956,970 pixels, over the limit of 89,478,485"
+    with pytest.raises(ImageTooLargeError, match=limit):
+        demo.check_upload(bomb)
+    upload = page_function(build_app(demo), "upload")
+    with pytest.warns(UserWarning, match="over the limit"):  # gr.Warning outside a page
+        reference, preview, label, status, results, _table, box = upload(str(bomb))
+    # the previous reference is cleared, the error is in the status line, the box is free
+    assert (reference, preview, label, results, box) == (None, None, NO_REFERENCE, [], None)
+    assert "bomb.png has over 178,956,970 pixels" in status and str(tmp_path) not in status
+
+
 def test_gallery_files_folders_and_lookup(demo, built):
     test_folder = (built["root"] / "test").resolve()
     assert demo.gallery_folders() == [test_folder]

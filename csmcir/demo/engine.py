@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from csmcir.data.images import load_image
+from csmcir.data.images import ImageTooLargeError, load_image
 from csmcir.errors import ConfigError, DataError
 from csmcir.retrieval.index import GalleryIndex
 
@@ -97,7 +97,9 @@ class RetrievalDemo:
                 f"{self.max_upload_mb:g} MB"
             )
         try:
-            return load_image(path)
+            return load_image(path, name=path.name)
+        except ImageTooLargeError:
+            raise
         except DataError:
             raise DataError(
                 f"{path.name} is not an image this demo can read (PNG, JPEG, WebP, ...)"
