@@ -323,7 +323,7 @@ def test_circo_multiple_ground_truths_target_first(tmp_path: Path):
     assert (q0.query_id, q0.reference, q0.targets) == ("0", "1", ("5", "3", "4"))
     assert q1.targets == ("6",)
     assert q0.extra["shared_concept"] == "a dog"
-    assert split.exclude_reference is True
+    assert split.exclude_reference is False  # the official code ranks the reference
     assert split.image_paths["3"] == tmp_path / "COCO2017_unlabeled/unlabeled2017/000000000003.jpg"
 
 
