@@ -79,6 +79,24 @@ def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
     assert kept["protocol"]["synthcir"]["exclude_reference"] is False
 
 
+def test_a_truncated_gallery_cache_entry_is_rebuilt_saying_so(synth, model_dir, tmp_path, capsys):
+    model = CSMCIR.from_pretrained(model_dir).eval()
+    split = load_split("synthcir", synth, "val")
+    paths = [split.image_path(g) for g in split.gallery]
+    texts = [f"scene {i}" for i in range(len(paths))]
+    cache = tmp_path / "cache"
+    first, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    (entry,) = (cache / "gallery").iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])  # "incomplete metadata" for safetensors
+    again, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    assert cached is False and torch.equal(again, first)
+    err = capsys.readouterr().err
+    assert f"gallery cache entry {entry} is unreadable" in err
+    assert "encoding the gallery again" in err
+    third, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    assert cached is True and torch.equal(third, first)  # the entry was replaced by a good one
+
+
 def test_scores_are_the_models_own_embeddings(synth, model_dir):
     model = CSMCIR.from_pretrained(model_dir).eval()
     split = load_split("synthcir", synth, "val")

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from csmcir import cli as csmcir_cli
+from csmcir.errors import DataError
 from csmcir.model import CSMCIR
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
-from csmcir.train.export import model_from_checkpoint
+from csmcir.train.export import NamedCheckpointIO, model_from_checkpoint
 from csmcir.train.module import CSMCIRModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,3 +280,21 @@ def test_checkpoints_of_python_built_runs_load_weights_only(
     assert checkpoint["datamodule_hyper_parameters"]["root"] == str(synthcir)
     model = model_from_checkpoint(tmp_path / "one.ckpt")
     assert model.config.preset == "tiny"
+
+
+def test_a_truncated_checkpoint_is_named(synthcir: Path, captions: Path, tmp_path: Path, capsys):
+    """torch's "PytorchStreamReader failed" alone does not say which file to delete."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    named = rf"checkpoint {cut} is unreadable \(.*\): it is cut short"
+    with pytest.raises(DataError, match=named):
+        model_from_checkpoint(cut)
+    with pytest.raises(DataError, match=named):  # what fit's trainer reads checkpoints with
+        NamedCheckpointIO().load_checkpoint(cut)
+    argv = fit_args(synthcir, captions, tmp_path / "run", "--ckpt_path", str(cut))
+    assert csmcir_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {cut} is unreadable" in err and "PytorchStreamReader" in err
+    assert "Traceback" not in err

@@ -15,6 +15,7 @@ Checkpoints are loaded with ``torch.load(weights_only=True)`` unless ``--weights
 
 from __future__ import annotations
 
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -23,10 +24,11 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import CheckpointIO
 
 from csmcir.errors import ConfigError
 from csmcir.train.datamodule import CIRDataModule
-from csmcir.train.export import ExportModel
+from csmcir.train.export import ExportModel, NamedCheckpointIO, unreadable_checkpoint
 from csmcir.train.module import CSMCIRModule
 from csmcir.train.validation import SCORE
 
@@ -46,6 +48,15 @@ class CSMCIRCLI(LightningCLI):
             help="torch CPU threads per process (default: torch's choice). On a small, shared "
             "CPU, 1 avoids the thread contention that slows the tiny model several-fold",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path`` once while parsing (for its hyperparameters): a
+        file torch cannot read is named there, as :class:`NamedCheckpointIO` names it later."""
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise unreadable_checkpoint(path, e) from None
 
     def before_fit(self) -> None:
         self._prepare_run()
@@ -105,6 +116,10 @@ class CSMCIRCLI(LightningCLI):
                 TensorBoardLogger(root, name="logs", version=version, default_hp_metric=False),
             ]
             kwargs["logger"] = logger
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, NamedCheckpointIO()]  # an unreadable --ckpt_path named
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         callbacks.append(ExportModel(root))
