@@ -130,7 +130,9 @@ def test_fit_validates_checkpoints_and_exports(synthcir: Path, captions: Path, t
     assert check.trainer.callback_metrics["val/score"].item() == pytest.approx(last_score)
 
 
-def test_resume_continues_the_same_trajectory(synthcir: Path, captions: Path, tmp_path: Path):
+def test_resume_continues_the_same_trajectory(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
     """12 steps straight vs resumed from step 6 (mid-epoch) and from step 8 (an epoch's end)."""
     snapshots = tmp_path / "snapshots"
     extra = tmp_path / "snapshot.yaml"
@@ -156,6 +158,16 @@ def test_resume_continues_the_same_trajectory(synthcir: Path, captions: Path, tm
             assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6), (start, step)
         assert all(lr_b[s] == pytest.approx(lr_a[s]) for s in lr_b)
         assert series(b, "val/score")[11] == pytest.approx(series(a, "val/score")[11])
+
+    # Another batch size (or seed) would continue with other samples: refused, as the seed is.
+    snapshot = str(snapshots / "snap-step=6.ckpt")
+    for change, message in (
+        (("--data.batch_size", "4"), "trained with batch_size 8, this run has 4"),
+        (("--seed_everything", "1"), "the checkpoint's data seed is 0, this run's is 1"),
+    ):
+        other = fit_args(synthcir, captions, tmp_path / "other", *longer, "--ckpt_path", snapshot)
+        assert csmcir_cli.main([*other, *change]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_missing_captions_give_the_command_that_makes_them(
