@@ -136,7 +136,7 @@ def test_missing_image_is_an_error_naming_it(fiq: Path):
         load_split("fashioniq", fiq, "val", category="dress")
 
 
-def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Path):
+def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Path, capsys):
     (fiq / "images/C.png").unlink()
     (fiq / "images/E.png").unlink()
     (fiq / "images/E.jpg").unlink()
@@ -147,7 +147,13 @@ def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Pat
     # query 1 targets C, query 2 starts from E: only query 0 survives
     assert [q.query_id for q in split.queries] == ["dress-0"]
     assert split.gallery == ["A", "B", "D"]
-    assert split.dropped == ["C", "E"]
+    assert split.dropped == ["C", "E"] and split.dropped_queries == ["dress-1", "dress-2"]
+    assert split.summary()["dropped_queries"] == 2
+    # said, not silent: the count and the first ids
+    assert (
+        "fashioniq-dress/val: drop_missing dropped 2 of 3 queries, which use 2 missing images; "
+        f"queries: dress-1, dress-2; images: {fiq / 'images/C.png'}, "
+    ) in capsys.readouterr().err
     written = json.loads(report.read_text())
     assert [m["id"] for m in written["missing_images"]] == ["C", "E"]
     assert written["missing_images"][0]["path"] == str(fiq / "images/C.png")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from csmcir import cli as csmcir_cli
+from csmcir.data.registry import load_split
 from csmcir.errors import DataError
 from csmcir.model import CSMCIR
 from csmcir.train.cli import run
@@ -310,3 +311,34 @@ def test_a_truncated_checkpoint_is_named(synthcir: Path, captions: Path, tmp_pat
     err = capsys.readouterr().err
     assert f"checkpoint {cut} is unreadable" in err and "PytorchStreamReader" in err
     assert "Traceback" not in err
+
+
+def test_drop_missing_says_what_it_dropped_and_records_it(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    import shutil
+
+    root = tmp_path / "synth"
+    shutil.copytree(synthcir, root, ignore=shutil.ignore_patterns("mcot_captions*"))
+    train = load_split("synthcir", root, "train")
+    val = load_split("synthcir", root, "val")
+    gone = [train.queries[0].target, val.queries[0].reference]
+    for image_id in gone:
+        (train.image_paths.get(image_id) or val.image_paths[image_id]).unlink()
+    args = fit_args(root, captions, tmp_path / "run", "--data.drop_missing", "true")
+    run([*args, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
+    err = capsys.readouterr().err
+    dropped_train = [  # every query whose reference, target or subset uses the missing image
+        q.query_id for q in train.queries if gone[0] in (q.reference, q.target, *q.subset)
+    ]
+    assert len(dropped_train) > 1
+    assert f"synthcir/train: drop_missing dropped {len(dropped_train)} of 64 queries" in err
+    assert f"queries: {', '.join(dropped_train[:5])}" in err
+    assert "synthcir/val: drop_missing dropped" in err
+    for folder in ("model", "best"):
+        record = json.loads((tmp_path / "run" / folder / "training.json").read_text())
+        assert record["dropped"]["synthcir/train"] == {
+            "images": [gone[0]],
+            "queries": dropped_train,
+        }
+        assert record["dropped"]["synthcir/val"]["images"] == [gone[1]]

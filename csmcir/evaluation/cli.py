@@ -208,7 +208,8 @@ def format_results(results: dict) -> str:
         cached = " (gallery from cache)" if summary["gallery_from_cache"] else ""
         lines.append(
             f"  {name}: {summary['queries']} queries, gallery {summary['gallery']} images, "
-            f"{summary['dropped']} dropped{cached}"
+            f"{summary['dropped_queries']} queries dropped ({summary['dropped']} missing "
+            f"images){cached}"
         )
     metrics = results["metrics"]
     if metrics:

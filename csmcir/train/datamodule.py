@@ -219,6 +219,17 @@ class CIRDataModule(L.LightningDataModule):
             raise RuntimeError("CIRDataModule.setup() has not run")
         return self.splits
 
+    def dropped(self) -> dict[str, dict[str, list[str]]]:
+        """What ``drop_missing`` dropped from each split read so far: the missing image ids and
+        the query ids that used them (for the run's ``training.json``)."""
+        loaded = self._loaded()
+        splits = [*loaded.train, *(split for _, split in loaded.val)]
+        return {
+            f"{s.benchmark}/{s.split}": {"images": s.dropped, "queries": s.dropped_queries}
+            for s in splits
+            if s.dropped
+        }
+
     def text_corpus(self) -> list[str]:
         """Training texts for building a tokenizer: modification texts and target captions."""
         train = self._load_train()

@@ -120,12 +120,15 @@ class ExportModel(L.Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # drop_missing: what training never saw, and which queries validation left out
+        dropped = trainer.datamodule.dropped()
         record = {
             "source": "end of fit",
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "val": metrics,
             "hyperparameters": dict(pl_module.hparams),
+            "dropped": dropped,
         }
         export_model(pl_module.model, self.dirpath / "model", record)
         for callback in trainer.checkpoint_callbacks:
@@ -144,5 +147,6 @@ class ExportModel(L.Callback):
                         "monitor": callback.monitor,
                         "score": None if score is None else float(score),
                         "hyperparameters": dict(pl_module.hparams),
+                        "dropped": dropped,
                     },
                 )
