@@ -131,6 +131,30 @@ def test_fit_validates_checkpoints_and_exports(synthcir: Path, captions: Path, t
     assert check.trainer.callback_metrics["val/score"].item() == pytest.approx(last_score)
 
 
+def test_a_finished_run_is_never_overwritten_silently(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    run(fit_args(synthcir, captions, tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = fit_args(synthcir, captions, tmp_path, "--trainer.max_steps", "1")
+    assert csmcir_cli.main(again) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds an earlier run (model, best, last.ckpt, best.ckpt)" in err
+    assert f"--ckpt_path {tmp_path / 'last.ckpt'}" in err and "--overwrite true" in err
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing touched, no new log folder
+    # --overwrite: the old run's checkpoints and models go first, so none of them survives
+    # beside the new run's (this one does not validate: no best/ of its own)
+    run([*again, "--trainer.limit_val_batches", "0", "--overwrite", "true"])
+    assert "--overwrite: deleted the earlier run's model, best, last.ckpt, best.ckpt" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "best").exists() and not (tmp_path / "best.ckpt").exists()
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["global_step"] == 1
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0", "version_1"]
+
+
 def test_resume_continues_the_same_trajectory(
     synthcir: Path, captions: Path, tmp_path: Path, capsys
 ):
@@ -188,6 +212,10 @@ def test_missing_captions_give_the_command_that_makes_them(
 
     assert csmcir_cli.main(fit_args(synthcir, tmp_path / "nope.json", tmp_path)) == 2
     assert "caption file not found" in capsys.readouterr().err
+    # failed runs leave no empty logs/version_N folders (nor logs/ itself)
+    assert not (tmp_path / "logs").exists()
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path / "new")) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_wrong_config_keys_are_named(synthcir: Path, tmp_path: Path, capsys):

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json
+from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL
 
 CHECKPOINT_KEY = "csmcir"
 RECORD_FILE = "training.json"
@@ -130,7 +131,7 @@ class ExportModel(L.Callback):
             "hyperparameters": dict(pl_module.hparams),
             "dropped": dropped,
         }
-        export_model(pl_module.model, self.dirpath / "model", record)
+        export_model(pl_module.model, self.dirpath / FINAL_MODEL, record)
         for callback in trainer.checkpoint_callbacks:
             if (
                 isinstance(callback, ModelCheckpoint)
@@ -141,7 +142,7 @@ class ExportModel(L.Callback):
                 score = callback.best_model_score
                 export_model(
                     model_from_checkpoint(best),
-                    self.dirpath / "best",
+                    self.dirpath / BEST_MODEL,
                     {
                         "source": str(best),
                         "monitor": callback.monitor,
