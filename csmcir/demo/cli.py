@@ -23,7 +23,11 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--index", required=True, type=Path, help="folder from csmcir index build")
-    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model folder or training run folder (its model/); default: the index's own",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: the first free from 7860)")
     parser.add_argument(

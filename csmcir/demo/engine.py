@@ -15,6 +15,7 @@ from PIL import Image
 from csmcir.data.images import ImageTooLargeError, load_image
 from csmcir.errors import ConfigError, DataError
 from csmcir.retrieval.index import GalleryIndex
+from csmcir.train.run_folder import model_folder
 
 DEFAULT_MAX_UPLOAD_MB = 10.0
 MAX_K = 50
@@ -57,6 +58,8 @@ class RetrievalDemo:
         from csmcir.model import CSMCIR
 
         index = GalleryIndex.load(index_dir)
+        if model_dir is not None:
+            model_dir = model_folder(model_dir)
         folder = Path(model_dir or index.meta.get("model_dir") or "")
         if model_dir is None and not folder.is_dir():
             raise ConfigError(

@@ -1,6 +1,7 @@
 """``csmcir eval``: a benchmark's metrics for a model, or its test-server submission files.
 
-csmcir eval --model checkpoints/synthcir-tiny --benchmark synthcir --root datasets/synthcir
+csmcir eval --model checkpoints/synthcir-tiny --benchmark synthcir --root datasets/synthcir \\
+    --captions datasets/synthcir/mcot_captions.json   # a run folder: its model/ is evaluated
 csmcir eval --model DIR --benchmark fashioniq --root data/fashioniq --captions caps.json
 csmcir eval --model DIR --benchmark cirr --root data/cirr --split test1 --submission out/
 csmcir eval --model tiny ...      # untrained zero-shot baseline: what training adds
@@ -18,13 +19,18 @@ from csmcir.evaluation import protocols, submission
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.evaluation.runner import score_split
 from csmcir.io import atomic_write_json
+from csmcir.train.run_folder import model_folder
 
 DEFAULT_SPLIT = {"shoes": "test", "fashion200k": "test"}  # the others: val
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="exported model folder, or a preset (tiny)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="exported model folder, a training run folder (its model/), or a preset (tiny)",
+    )
     p.add_argument("--benchmark", required=True, help="synthcir, cirr, fashioniq, circo, ...")
     p.add_argument("--root", required=True, type=Path, help="the benchmark's folder")
     p.add_argument("--split", help="split to evaluate (default: val; shoes, fashion200k: test)")
@@ -99,7 +105,8 @@ def run(args: argparse.Namespace) -> dict:
     def corpus() -> list[str]:
         return [s.eval_text(q) for s in splits for q in s.queries] + list((captions or {}).values())
 
-    model = load_model(args.model, corpus, seed=args.seed).to(pick_device(args.device))
+    spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
+    model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
     fingerprint = model.fingerprint()
     features = None
     if args.features:
@@ -132,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         "split": split_name,
         "model": {
             "source": args.model,
+            "folder": str(Path(spec).resolve()) if Path(spec).is_dir() else None,
             "fingerprint": fingerprint,
             "preset": model.config.preset,
             "tower": model.config.tower,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from csmcir.data.images import load_image
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.io import atomic_write_bytes
+from csmcir.train.run_folder import model_folder
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
 CACHE_VERSION = "1"
@@ -35,7 +36,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
-    """An exported model folder, or a preset name (``tiny``: untrained, tokenizer from ``corpus``).
+    """An exported model folder (or a training run folder: its ``model/``), or a preset name
+    (``tiny``: untrained, tokenizer from ``corpus``).
 
     Untrained presets are the zero-shot baseline: they show what training adds. ``corpus`` is
     called only when a tokenizer has to be built.
@@ -43,7 +45,7 @@ def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
     from csmcir.model import CSMCIR
 
     if Path(spec).is_dir():
-        return CSMCIR.from_pretrained(spec)
+        return CSMCIR.from_pretrained(model_folder(spec))
     from csmcir.model.presets import list_presets, load_preset
 
     if spec not in list_presets():

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.train.run_folder import model_folder
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,7 @@ def load_model(name: str, weights: Path | None, options: dict[str, Any] | None =
 
     options = options or {}
     if Path(name).is_dir():
-        return CSMCIR.from_pretrained(name, **options)
+        return CSMCIR.from_pretrained(model_folder(name), **options)
     if name in list_presets():
         if load_preset(name).weights is None:
             raise ConfigError(

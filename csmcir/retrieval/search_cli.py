@@ -18,6 +18,7 @@ from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import pick_device
 from csmcir.retrieval.grid import GridItem, save_grid
 from csmcir.retrieval.index import GalleryIndex
+from csmcir.train.run_folder import model_folder
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +31,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ref", required=True, type=Path, help="the reference image")
     parser.add_argument("--text", required=True, help="the modification text")
     parser.add_argument("-k", type=int, default=10, help="results to show (default 10)")
-    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model folder or training run folder (its model/); default: the index's own",
+    )
     parser.add_argument("--target", help="id of the true target, outlined in the grid")
     parser.add_argument("--grid", type=Path, help="PNG to write (default runs/search/<ref>.png)")
     parser.add_argument("--device", default="auto")
@@ -44,7 +49,7 @@ def main(argv: list[str]) -> int:
     index = GalleryIndex.load(args.index)
     from csmcir.model import CSMCIR
 
-    model_dir = args.model or Path(index.meta.get("model_dir", ""))
+    model_dir = model_folder(args.model) if args.model else Path(index.meta.get("model_dir", ""))
     if not model_dir.is_dir():
         raise ConfigError(
             f"the index's model folder {model_dir} is gone: pass --model (the folder it was "
