@@ -58,14 +58,7 @@ class RetrievalDemo:
         from csmcir.model import CSMCIR
 
         index = GalleryIndex.load(index_dir)
-        if model_dir is not None:
-            model_dir = model_folder(model_dir)
-        folder = Path(model_dir or index.meta.get("model_dir") or "")
-        if model_dir is None and not folder.is_dir():
-            raise ConfigError(
-                f"the model folder recorded in {Path(index_dir) / 'meta.json'} ({folder}) is "
-                "gone: pass --model (the folder the index was built with)"
-            )
+        folder = index.model_folder(None if model_dir is None else model_folder(model_dir))
         if not folder.is_dir():
             raise ConfigError(f"--model {folder} is not a model folder")
         model = CSMCIR.from_pretrained(folder).to(device)

@@ -21,7 +21,6 @@ from csmcir.retrieval.index import KINDS, GalleryIndex
 from csmcir.train.run_folder import model_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MODEL_SUBDIR = "model"
 
 
 def main(argv: list[str]) -> int:
@@ -82,17 +81,15 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
         images,
         captions,
         kind=args.kind,
+        # an untrained preset has no folder: the index then keeps the model in INDEX/model
+        model_dir=spec if Path(spec).is_dir() else None,
         empty_captions=args.empty_captions,
         batch_size=args.batch_size,
         cache_dir=None if args.no_cache else args.cache_dir,
         **options,
     )
-    model_dir = Path(spec)
-    if not model_dir.is_dir():  # an untrained preset: keep it, or the index is unusable
-        model_dir = model.save_pretrained(args.out / MODEL_SUBDIR)
     index.meta |= {
         "model_source": args.model,
-        "model_dir": str(model_dir.resolve()),
         "source": str(args.images) if args.images else f"{args.benchmark} {args.split}",
         "captions": str(args.captions) if args.captions else None,
         "empty_captions": args.empty_captions,

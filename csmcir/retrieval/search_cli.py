@@ -3,7 +3,8 @@
     csmcir search --index runs/index/synth --ref query.png --text "make the cube red" -k 10
 
 Prints the top-k with scores and writes a PNG grid (reference, text, ranked results; the true
-target, given with --target, is outlined).
+target, given with --target, is outlined). Relative image paths of the index are found from the
+folder it was built in; results whose file is gone are named, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from csmcir.data.images import load_image
-from csmcir.errors import ConfigError, DataError
+from csmcir.data.layout import first_few
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation.encode import pick_device
 from csmcir.retrieval.grid import GridItem, save_grid
 from csmcir.retrieval.index import GalleryIndex
@@ -49,12 +51,7 @@ def main(argv: list[str]) -> int:
     index = GalleryIndex.load(args.index)
     from csmcir.model import CSMCIR
 
-    model_dir = model_folder(args.model) if args.model else Path(index.meta.get("model_dir", ""))
-    if not model_dir.is_dir():
-        raise ConfigError(
-            f"the index's model folder {model_dir} is gone: pass --model (the folder it was "
-            "built with)"
-        )
+    model_dir = index.model_folder(model_folder(args.model) if args.model else None)
     model = CSMCIR.from_pretrained(model_dir).to(pick_device(args.device)).eval()
     index.check_model(model)
     with torch.inference_mode():
@@ -77,4 +74,13 @@ def main(argv: list[str]) -> int:
     grid = args.grid or Path("runs") / "search" / f"{args.ref.stem}.png"
     save_grid(grid, reference, args.text, items, target=args.target)
     print(f"grid: {grid}")
+    absent = [i for i in items if i.path is None or not Path(i.path).is_file()]
+    if absent:
+        root = index.meta.get("image_root", "the folder it was built from")
+        warn(
+            f"{len(absent)} of the {len(items)} results are not on disk, drawn as 'image not "
+            f"found' in the grid: {first_few(i.path or i.image_id for i in absent)}. The index "
+            f"found them relative to {root}; rebuild it with csmcir index build where they are"
+        )
+        return 1
     return 0
