@@ -14,12 +14,12 @@ from pathlib import Path
 
 from csmcir.data.captions import load_captions
 from csmcir.data.records import CIRSplit
-from csmcir.errors import ConfigError
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation import protocols, submission
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.evaluation.runner import score_split
-from csmcir.io import atomic_write_json
-from csmcir.train.run_folder import model_folder
+from csmcir.io import atomic_write_json, read_json
+from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
 
 DEFAULT_SPLIT = {"shoes": "test", "fashion200k": "test"}  # the others: val
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -58,7 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--submission", type=Path, help="write test-server files to this folder")
     p.add_argument("--name", default="csmcir", help="suffix of the submission file names")
-    p.add_argument("--out", type=Path, help="results JSON (default runs/eval/<...>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results JSON (default: runs/eval/<model>-<fingerprint>-<benchmark>-<split>.json, "
+        "<model> being <run>-model for a run's export; an existing file is replaced, saying so)",
+    )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="gallery cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--batch-size", type=int, default=64)
@@ -161,7 +166,9 @@ def run(args: argparse.Namespace) -> dict:
             for k, v in vars(args).items()
         },
     }
-    out = args.out or default_out(args, split_name)
+    out = args.out or default_out(args, split_name, spec, fingerprint)
+    if out.is_file():
+        warn(f"replacing {out}: {describe_results(out)}")
     atomic_write_json(out, results)
     results["written_to"] = str(out)
     return results
@@ -200,10 +207,35 @@ def write_submission(split: CIRSplit, scored, args: argparse.Namespace) -> list[
     return [submission.write_circo_submission(split, top, args.submission, args.name)]
 
 
-def default_out(args: argparse.Namespace, split_name: str) -> Path:
-    model_name = Path(args.model).name or "model"
-    category = f"-{args.category}" if args.category else ""
-    return Path("runs") / "eval" / f"{model_name}-{args.benchmark}{category}-{split_name}.json"
+def default_out(args: argparse.Namespace, split_name: str, spec: str, fingerprint: str) -> Path:
+    """A name of its own per model and protocol: every run exports a folder called ``model``,
+    so the folder's name alone would give ``runs/A/model`` and ``runs/B/model`` one file."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        label = spec  # a preset
+    elif folder.name in (FINAL_MODEL, BEST_MODEL):
+        label = f"{folder.resolve().parent.name}-{folder.name}"
+    else:
+        label = folder.resolve().name
+    parts = [label, fingerprint[:8], args.benchmark, args.category, split_name]
+    if args.exclude_reference != "default":
+        parts.append(f"exclude-reference-{args.exclude_reference}")
+    if args.caption_join != protocols.DEFAULT_JOIN:
+        parts.append(f"join-{args.caption_join}")
+    return Path("runs") / "eval" / ("-".join(p for p in parts if p) + ".json")
+
+
+def describe_results(path: Path) -> str:
+    """What an earlier results file holds, for the warning before it is replaced."""
+    try:
+        old = read_json(path, "results file")
+        model = old["model"]
+        return (
+            f"it held {old['benchmark']} {old['split']} results of {model['source']} "
+            f"({model['fingerprint'][:12]})"
+        )
+    except (DataError, KeyError, TypeError):
+        return "it held something else"
 
 
 def format_results(results: dict) -> str:
