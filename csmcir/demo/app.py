@@ -15,6 +15,7 @@ import gradio as gr
 from csmcir.data.images import load_image
 from csmcir.demo.engine import MAX_K, Result, RetrievalDemo
 from csmcir.errors import CsmcirError
+from csmcir.retrieval.grid import ECHOED, shorten
 
 PICKER_LIMIT = 48
 NO_REFERENCE = "No reference yet: pick a gallery image or upload one."
@@ -64,7 +65,10 @@ def build_app(demo: RetrievalDemo, picker_limit: int = PICKER_LIMIT) -> gr.Block
         except CsmcirError as e:
             return [], "", _error(str(e))
         items = [(str(r.path), f"#{r.rank} · {r.score:.3f} · {r.image_id}") for r in results]
-        status = f'Top {len(results)} for "{html.escape(text.strip())}"'
+        status = f'Top {len(results)} for "{html.escape(shorten(text.strip(), ECHOED))}"'
+        note = demo.cut_note(text)
+        if note:
+            status += f"\n\n**Note:** {html.escape(note)}"
         return items, results_table(results), status
 
     with gr.Blocks(title="CSMCIR retrieval demo", analytics_enabled=False) as app:

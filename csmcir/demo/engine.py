@@ -14,6 +14,7 @@ from PIL import Image
 
 from csmcir.data.images import ImageTooLargeError, load_image
 from csmcir.errors import ConfigError, DataError
+from csmcir.model.tokenizer import describe_cut
 from csmcir.retrieval.index import GalleryIndex
 from csmcir.train.run_folder import model_folder
 
@@ -100,6 +101,12 @@ class RetrievalDemo:
             raise DataError(
                 f"{path.name} is not an image this demo can read (PNG, JPEG, WebP, ...)"
             ) from None
+
+    def cut_note(self, text: str) -> str | None:
+        """Where the model cuts a text longer than it reads (None: it reads all of it)."""
+        text = text.strip()
+        (kept,) = self.model.truncated([text])
+        return None if kept is None else describe_cut(text, kept)
 
     @torch.inference_mode()
     def search(

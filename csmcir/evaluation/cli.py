@@ -132,7 +132,10 @@ def run(args: argparse.Namespace) -> dict:
             fingerprint=fingerprint,
             features=features,
         )
-        data[s.benchmark] = s.summary() | {"gallery_from_cache": scored.gallery_from_cache}
+        data[s.benchmark] = s.summary() | {
+            "gallery_from_cache": scored.gallery_from_cache,
+            "texts_cut": texts_cut(model, s, scored.prepared.texts, captions),
+        }
         if args.submission:
             written += [str(p) for p in write_submission(s, scored, args)]
         else:
@@ -172,6 +175,22 @@ def run(args: argparse.Namespace) -> dict:
     atomic_write_json(out, results)
     results["written_to"] = str(out)
     return results
+
+
+def texts_cut(model, split: CIRSplit, queries: list[str], captions) -> dict[str, int]:
+    """How many query texts and gallery captions are longer than the model reads (it reads
+    their first ``max_text_length`` tokens, as every CIR codebase does); said when any."""
+    cut = {"queries": sum(k is not None for k in model.truncated(queries))}
+    if model.config.target_text == "caption" and captions:
+        texts = [captions[g] for g in split.gallery if g in captions]
+        cut["captions"] = sum(k is not None for k in model.truncated(texts))
+    if any(cut.values()):
+        warn(
+            f"{split.benchmark} {split.split}: {cut['queries']} of {len(queries)} query texts"
+            + (f" and {cut['captions']} gallery captions" if cut.get("captions") else "")
+            + " are longer than the model reads and were cut to their first tokens"
+        )
+    return cut
 
 
 def headline(benchmark: str, metrics: dict[str, dict[str, float]]) -> dict | None:

@@ -27,6 +27,7 @@ from transformers.initialization import no_init_weights
 from csmcir.errors import ConfigError
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.fingerprint import tensor_fingerprint
+from csmcir.model.tokenizer import kept_texts
 from csmcir.model.transforms import ImageTransform
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,6 +266,11 @@ class CSMCIR(nn.Module):
             return_tensors="pt",
         )
         return {key: enc[key].to(self.device) for key in ("input_ids", "attention_mask")}
+
+    def truncated(self, texts: Sequence[str]) -> list[str | None]:
+        """Per text: None when the model reads all of it, else the start it reads (texts are
+        cut at ``max_text_length`` tokens), so a command can say a query was cut."""
+        return kept_texts(self.tokenizer, texts, self.config.max_text_length)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.precision)

@@ -18,7 +18,8 @@ from csmcir.data.images import load_image
 from csmcir.data.layout import first_few
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation.encode import pick_device
-from csmcir.retrieval.grid import GridItem, save_grid
+from csmcir.model.tokenizer import describe_cut
+from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
 from csmcir.train.run_folder import model_folder
 
@@ -54,6 +55,9 @@ def main(argv: list[str]) -> int:
     model_dir = index.model_folder(model_folder(args.model) if args.model else None)
     model = CSMCIR.from_pretrained(model_dir).to(pick_device(args.device)).eval()
     index.check_model(model)
+    (kept,) = model.truncated([args.text])
+    if kept is not None:
+        warn(f"--text: {describe_cut(args.text, kept)}")
     with torch.inference_mode():
         query = model.encode_query([args.text], pixel_values=model.preprocess([reference]))
     hits = index.search(query, args.k)
@@ -65,7 +69,7 @@ def main(argv: list[str]) -> int:
     if not items:
         raise DataError(f"the index {args.index} returned nothing for this query")
     width = max(len(i.image_id) for i in items)
-    print(f'query: {args.ref} + "{args.text}"')
+    print(f'query: {args.ref} + "{shorten(args.text, ECHOED)}"')
     for rank, item in enumerate(items, start=1):
         mark = "  <- target" if item.image_id == args.target else ""
         print(f"{rank:>3}  {item.score:8.4f}  {item.image_id:<{width}}  {item.path or ''}{mark}")
