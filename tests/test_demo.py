@@ -201,6 +201,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_uploads_are_deleted_when_the_demo_stops(demo, tmp_path):
+    """Uploads (refused ones too) went to the system's shared gradio folder and stayed there."""
+    import os
+
+    import httpx
+
+    from csmcir.demo.app import UPLOAD_DIR_ENV, serve
+
+    before = os.environ.get(UPLOAD_DIR_ENV)
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file")  # the demo refuses it, Gradio has stored it
+    with serve(demo, "127.0.0.1", free_port()) as app:
+        folder = Path(os.environ[UPLOAD_DIR_ENV])
+        assert folder.name.startswith("csmcir-demo-") and folder.is_dir()
+        with fake.open("rb") as f:
+            answer = httpx.post(f"{app.local_url}gradio_api/upload", files={"files": f})
+        (stored,) = answer.json()
+        assert Path(stored).is_file() and folder in Path(stored).parents
+        with pytest.raises(DataError, match="not an image this demo can read"):
+            demo.check_upload(stored)
+    assert not folder.exists() and os.environ.get(UPLOAD_DIR_ENV) == before
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_demo_in_a_real_browser(demo, built, tmp_path):
@@ -208,15 +231,14 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
         pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    from csmcir.demo.app import launch
+    from csmcir.demo.app import serve
 
     expect.set_options(timeout=30_000)  # a busy 2-core machine renders slowly; failures still fail
     port = free_port()
-    app = launch(demo, "127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}"
-    assert app.local_url.rstrip("/") == url
     outside: list[str] = []
-    try:
+    with serve(demo, "127.0.0.1", port) as app:
+        url = f"http://127.0.0.1:{port}"
+        assert app.local_url.rstrip("/") == url
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
@@ -292,6 +314,4 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
             for private in (built["model"] / "model.safetensors", built["root"] / "scenes.json"):
                 assert get(f"{url}/gradio_api/file={private.resolve()}").status == 403
             browser.close()
-    finally:
-        app.close()
     assert outside == []  # offline: the page asks nothing of any other host

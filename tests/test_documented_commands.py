@@ -8,6 +8,7 @@ quickstart leaves it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -76,7 +77,9 @@ class ServedApp:
 
 
 def test_every_documented_run_folder_command_runs(quickstart_layout, monkeypatch, capsys):
-    monkeypatch.setattr("csmcir.demo.app.launch", lambda demo, host, port: ServedApp())
+    monkeypatch.setattr(
+        "csmcir.demo.app.serve", lambda demo, host, port: contextlib.nullcontext(ServedApp())
+    )
     commands = documented_commands()
     for path, command in commands:
         code = csmcir_main(shlex.split(command)[1:])

@@ -44,14 +44,11 @@ def main(argv: list[str]) -> int:
     from csmcir.evaluation.encode import pick_device
 
     demo = RetrievalDemo.load(args.index, args.model, pick_device(args.device), args.max_upload_mb)
-    from csmcir.demo.app import launch
+    from csmcir.demo.app import serve
 
-    app = launch(demo, args.host, args.port)
-    folders = ", ".join(map(str, demo.gallery_folders()))
-    print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
-    print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
-    try:
+    with serve(demo, args.host, args.port) as app:
+        folders = ", ".join(map(str, demo.gallery_folders()))
+        print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
+        print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
         app.block_thread()
-    finally:
-        app.close()
     return 0
