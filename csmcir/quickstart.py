@@ -199,7 +199,13 @@ def make_captions(root: Path, captions_file: Path) -> tuple[Path, str]:
 
     shards = root / "mcot_captions_shards"
     common = ["--benchmark", "synthcir", "--root", str(root), "--split", "all"]
-    caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
+    try:
+        caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
+    except ConfigError as e:  # captions of another prompt version or image set: its advice
+        raise ConfigError(  # is a flag of csmcir caption, so say what works here
+            f"{e}\nThese are the quickstart's own captions: delete {shards} and {captions_file}, "
+            "and the next run makes them again (seconds, with the oracle)"
+        ) from None
     caption_main(["merge", str(shards), "--out", str(captions_file)])
     return captions_file, f"{len(load_captions(captions_file)):,} captions in {captions_file}"
 

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import shutil
 from pathlib import Path
 from unittest.mock import patch
 
@@ -62,6 +63,19 @@ def test_a_benchmark_of_other_settings_is_refused_or_regenerated(tmp_path):
     with pytest.raises(ConfigError, match="holds no synthetic benchmark"):
         quickstart.make_data(other, args_of("--overwrite"))
     assert (other / "captions" / "cap.rc2.train.json").read_text() == "[]"
+
+
+def test_stale_captions_get_advice_that_works_in_the_quickstart(tmp_path):
+    root = tmp_path / "data"
+    quickstart.make_data(root, args_of())
+    shards, captions = root / "mcot_captions_shards", root / "mcot_captions.json"
+    shards.mkdir()  # captions begun by an older csmcir with another prompt
+    (shards / "run.json").write_text('{"prompt_version": "0", "model": "oracle"}')
+    with pytest.raises(ConfigError, match=f"delete {shards} and {captions}, and the next run"):
+        quickstart.make_captions(root, captions)
+    shutil.rmtree(shards)
+    _, summary = quickstart.make_captions(root, captions)
+    assert captions.is_file() and "captions in" in summary
 
 
 class FakeFit:
