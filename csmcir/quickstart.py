@@ -175,7 +175,10 @@ def make_data(root: Path, args: argparse.Namespace) -> tuple[Path, str]:
     else:
         done = f"generated in {root}"
     for stale in root.glob(f"{CAPTIONS.stem}*"):  # captions of other images, keyed by image id
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     splits = generate(root, wanted, overwrite=True)
     images = sum(len(s.names) for s in splits.values())
     queries = sum(len(s.queries()) for s in splits.values())
