@@ -1,4 +1,7 @@
-"""User-facing errors: one readable message, no traceback, a non-zero exit from the CLI."""
+"""User-facing errors: one readable message, no traceback, a non-zero exit from the CLI; and
+warnings, for what a command did on the user's behalf without stopping."""
+
+import sys
 
 
 class CsmcirError(Exception):
@@ -15,3 +18,9 @@ class DataError(CsmcirError):
 
 class ConfigError(CsmcirError):
     """A config file or option is wrong."""
+
+
+def warn(message: str) -> None:
+    """Tell the user, on stderr, something that happened without stopping the command: a cut
+    text, a rebuilt cache entry, dropped queries. One line starting ``csmcir: warning:``."""
+    print(f"csmcir: warning: {message}", file=sys.stderr, flush=True)

@@ -3,24 +3,35 @@
 
 Data -> oracle MCoT captions -> training the tiny preset -> evaluation against the untrained
 model and chance -> a faiss index -> an example search (grid PNG) -> an embedding plot. Every
-stage reuses what an earlier run left (the generator is deterministic, captioning resumes,
-training is skipped when the exported model exists unless ``--retrain``), so a second run is quick.
+stage reuses what an earlier run with the same settings left (the generator is deterministic,
+captioning resumes, training is skipped when the exported model exists unless ``--retrain``, and
+resumes from ``last.ckpt`` when it was interrupted), so a second run is quick. The benchmark
+records its settings (``synth_config.json``) and the run folder its training settings
+(``quickstart.json``): a run with other settings (``--seed``, ``--steps``, ``--size``, another
+``--config``) is refused with what differs, never answered with the old data or model, unless
+``--overwrite`` regenerates them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from csmcir.errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECORD = "quickstart.json"  # in the run folder: the settings its model was trained with
+CAPTIONS = Path("mcot_captions.json")  # in the benchmark folder, with mcot_captions_shards/
 METRIC_COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
 
 
@@ -42,7 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "GPU arithmetic differs from the CPU's in the last bits, and so do the trained model's "
         "recalls",
     )
-    p.add_argument("--retrain", action="store_true", help="train even if the run has a model")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train again even if the run has a model (replacing it)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate the benchmark (and its captions) and retrain when the ones there were "
+        "made with other settings; without it such a run is refused",
+    )
     p.add_argument(
         "--size",
         choices=("default", "small"),
@@ -88,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "(pip install -e .) or pass --config"
         )
     root, run_dir = args.root, args.run_dir
-    captions_file = root / "mcot_captions.json"
+    captions_file = root / CAPTIONS
     pictures = run_dir / "quickstart"
     stages = Stages(total=7)
 
@@ -115,20 +136,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("training logs", run_dir / "logs"),
     ):
         print(f"  {label:<15} {path}")
+    print(f"\nTry the model in a browser:  csmcir demo --index {index_dir}")
     return {"table": table, "seconds": stages.elapsed, "stages": stages.times, "model": model_dir}
 
 
-def make_data(root: Path, args: argparse.Namespace) -> tuple[Path, str]:
-    from csmcir.data.synth import generate
+def data_config(args: argparse.Namespace):
     from csmcir.data.synth_build import SynthConfig
 
-    if (root / "scenes.json").is_file():
-        return root, f"reusing {root} (delete it to regenerate)"
     sizes = dict(train_refs=300, val_refs=24, test_refs=24) if args.size == "small" else {}
-    splits = generate(root, SynthConfig(seed=args.seed, **sizes))
+    return SynthConfig(seed=args.seed, **sizes)
+
+
+def make_data(root: Path, args: argparse.Namespace) -> tuple[Path, str]:
+    """The benchmark of these settings: reused, completed after an interruption, or (with
+    --overwrite) regenerated over one made with other settings, never reused in its place."""
+    from csmcir.data.synth import generate, is_complete, recorded_config
+
+    wanted, recorded = data_config(args), recorded_config(root)
+    if is_complete(root):
+        if recorded == wanted:
+            return root, f"reusing {root} (generated with these settings)"
+        if not args.overwrite:
+            raise ConfigError(
+                f"--root {root} holds a synthetic benchmark generated with other settings "
+                f"({differences(recorded, wanted)}); reusing it would answer for the old "
+                "settings. Pass --overwrite to regenerate it (the captions and the model made "
+                "from it are then made again too), or give these settings their own folders: "
+                "--root DIR --run-dir DIR"
+            )
+        done = f"regenerated {root} (--overwrite)"
+    elif recorded is not None:
+        done = f"completed the generation an earlier run left unfinished in {root}"
+    elif root.is_dir() and any(root.iterdir()):
+        raise ConfigError(
+            f"--root {root} is not empty and holds no synthetic benchmark: give the quickstart "
+            "an empty or new folder (--root DIR)"
+        )
+    else:
+        done = f"generated in {root}"
+    for stale in root.glob(f"{CAPTIONS.stem}*"):  # captions of other images, keyed by image id
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    splits = generate(root, wanted, overwrite=True)
     images = sum(len(s.names) for s in splits.values())
     queries = sum(len(s.queries()) for s in splits.values())
-    return root, f"{images:,} images, {queries:,} queries in {root}"
+    return root, f"{images:,} images, {queries:,} queries {done}"
+
+
+def differences(recorded, wanted) -> str:
+    """``seed 0 (now 1), ...``: what an earlier run's settings and this run's disagree on."""
+    if recorded is None:
+        return "not recorded: made by an older csmcir"
+    old = recorded if isinstance(recorded, dict) else dataclasses.asdict(recorded)
+    new = wanted if isinstance(wanted, dict) else dataclasses.asdict(wanted)
+    return ", ".join(
+        f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in new if old.get(k) != new.get(k)
+    )
 
 
 def make_captions(root: Path, captions_file: Path) -> tuple[Path, str]:
@@ -137,17 +202,53 @@ def make_captions(root: Path, captions_file: Path) -> tuple[Path, str]:
 
     shards = root / "mcot_captions_shards"
     common = ["--benchmark", "synthcir", "--root", str(root), "--split", "all"]
-    caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
+    try:
+        caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
+    except ConfigError as e:  # captions of another prompt version or image set: its advice
+        raise ConfigError(  # is a flag of csmcir caption, so say what works here
+            f"{e}\nThese are the quickstart's own captions: delete {shards} and {captions_file}, "
+            "and the next run makes them again (seconds, with the oracle)"
+        ) from None
     caption_main(["merge", str(shards), "--out", str(captions_file)])
     return captions_file, f"{len(load_captions(captions_file)):,} captions in {captions_file}"
 
 
-def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
-    from csmcir.train.cli import run as fit
+def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that changes the trained model (the device only changes its last bits)."""
+    config = args.config.read_bytes()
+    default_steps = (yaml.safe_load(config) or {}).get("trainer", {}).get("max_steps")
+    return {
+        "data": dataclasses.asdict(data_config(args)),
+        "seed": args.seed,
+        "steps": args.steps or default_steps,
+        "config_sha256": hashlib.sha256(config).hexdigest(),
+    }
 
-    model_dir = args.run_dir / "model"
-    if (model_dir / "config.json").is_file() and not args.retrain:
-        return model_dir, f"reusing {model_dir} (--retrain to train again)"
+
+def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
+    """The model of these settings: reused, resumed after an interruption, or trained (over one
+    trained with other settings only with --retrain or --overwrite)."""
+    from csmcir.io import atomic_write_json, read_json
+    from csmcir.train.cli import run as fit
+    from csmcir.train.run_folder import FINAL_MODEL, LAST_CKPT, MODEL_CONFIG, earlier_run
+
+    model_dir = args.run_dir / FINAL_MODEL
+    wanted = training_settings(args)
+    record = args.run_dir / RECORD
+    recorded = read_json(record, "quickstart record")["settings"] if record.is_file() else None
+    same = recorded == wanted
+    if (model_dir / MODEL_CONFIG).is_file() and same and not args.retrain:
+        return model_dir, f"reusing {model_dir} (same settings; --retrain to train again)"
+    earlier = earlier_run(args.run_dir)
+    if earlier and not same and not (args.retrain or args.overwrite):
+        raise ConfigError(
+            f"--run-dir {args.run_dir} holds a model trained with other settings "
+            f"({differences(recorded, wanted)}); reusing it would report the old model. Pass "
+            "--retrain to train it again with these settings (replacing it), or give them their "
+            "own folder: --run-dir DIR"
+        )
+    resume = same and not args.retrain and (args.run_dir / LAST_CKPT).is_file()
+    atomic_write_json(record, {"settings": wanted, "device": str(args.device)})
     argv = [
         "fit",
         "--config",
@@ -167,9 +268,14 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
         argv += ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{args.device.index or 0}]"]
     if args.size == "small":
         argv += ["--trainer.val_check_interval", str(args.steps or 20), "--data.batch_size", "32"]
+    if resume:  # an earlier run of these settings was stopped mid-training
+        argv += ["--ckpt_path", str(args.run_dir / LAST_CKPT)]
+    elif earlier:
+        argv += ["--overwrite", "true"]
     cli = fit(argv)
     steps = cli.trainer.global_step
-    return model_dir, f"{steps} steps, exported to {model_dir}"
+    how = f"resumed from {LAST_CKPT}, " if resume else ""
+    return model_dir, f"{steps} steps ({how}exported to {model_dir})"
 
 
 def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, dict], str]:
@@ -214,18 +320,15 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def build_index(args: argparse.Namespace, model_dir: Path) -> tuple[Path, str]:
-    from csmcir.data.captions import load_captions
-    from csmcir.data.registry import load_split
-    from csmcir.model import CSMCIR
+    """``csmcir index build``, so the index records its model and opens in ``csmcir demo``."""
+    from csmcir.retrieval.cli import main as index_main
     from csmcir.retrieval.index import GalleryIndex
 
-    split = load_split("synthcir", args.root, "test")
-    model = CSMCIR.from_pretrained(model_dir).to(args.device)
-    images = {g: split.image_path(g) for g in split.gallery}
-    index = GalleryIndex.build(model, images, load_captions(args.root / "mcot_captions.json"))
     out = args.run_dir / "index"
-    index.save(out)
-    return out, f"{len(index):,} images, exact inner product, saved to {out}"
+    common = ["--benchmark", "synthcir", "--root", str(args.root), "--split", "test"]
+    captions = ["--captions", str(args.root / CAPTIONS), "--no-cache", "--device", str(args.device)]
+    index_main(["build", "--model", str(model_dir), *common, *captions, "--out", str(out)])
+    return out, f"{len(GalleryIndex.load(out)):,} images, exact inner product, saved to {out}"
 
 
 def example_search(

@@ -149,6 +149,29 @@ def test_uploads_must_be_small_decodable_images(demo, tmp_path):
         RetrievalDemo(demo.model, demo.index, max_upload_mb=0)
 
 
+def page_function(app, name: str):
+    """The Python function behind one of the page's events."""
+    return next(f.fn for f in app.fns.values() if f.name == name)
+
+
+def test_a_decompression_bomb_upload_is_refused_and_clears_the_reference(demo, tmp_path):
+    from csmcir.data.images import ImageTooLargeError
+    from csmcir.demo.app import NO_REFERENCE, build_app
+
+    bomb = tmp_path / "bomb.png"  # 27 KB on disk, 225 megapixels decoded
+    Image.new("1", (15000, 15000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < demo.max_upload_bytes  # the size cap lets it through
+    limit = r"bomb\.png has over 178,956,970 pixels, over the limit of 89,478,485"
+    with pytest.raises(ImageTooLargeError, match=limit):
+        demo.check_upload(bomb)
+    upload = page_function(build_app(demo), "upload")
+    with pytest.warns(UserWarning, match="over the limit"):  # gr.Warning outside a page
+        reference, preview, label, status, results, _table, box = upload(str(bomb))
+    # the previous reference is cleared, the error is in the status line, the box is free
+    assert (reference, preview, label, results, box) == (None, None, NO_REFERENCE, [], None)
+    assert "bomb.png has over 178,956,970 pixels" in status and str(tmp_path) not in status
+
+
 def test_gallery_files_folders_and_lookup(demo, built):
     test_folder = (built["root"] / "test").resolve()
     assert demo.gallery_folders() == [test_folder]
@@ -178,6 +201,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_uploads_are_deleted_when_the_demo_stops(demo, tmp_path):
+    """Uploads (refused ones too) went to the system's shared gradio folder and stayed there."""
+    import os
+
+    import httpx
+
+    from csmcir.demo.app import UPLOAD_DIR_ENV, serve
+
+    before = os.environ.get(UPLOAD_DIR_ENV)
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file")  # the demo refuses it, Gradio has stored it
+    with serve(demo, "127.0.0.1", free_port()) as app:
+        folder = Path(os.environ[UPLOAD_DIR_ENV])
+        assert folder.name.startswith("csmcir-demo-") and folder.is_dir()
+        with fake.open("rb") as f:
+            answer = httpx.post(f"{app.local_url}gradio_api/upload", files={"files": f})
+        (stored,) = answer.json()
+        assert Path(stored).is_file() and folder in Path(stored).parents
+        with pytest.raises(DataError, match="not an image this demo can read"):
+            demo.check_upload(stored)
+    assert not folder.exists() and os.environ.get(UPLOAD_DIR_ENV) == before
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_demo_in_a_real_browser(demo, built, tmp_path):
@@ -185,15 +231,14 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
         pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    from csmcir.demo.app import launch
+    from csmcir.demo.app import serve
 
     expect.set_options(timeout=30_000)  # a busy 2-core machine renders slowly; failures still fail
     port = free_port()
-    app = launch(demo, "127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}"
-    assert app.local_url.rstrip("/") == url
     outside: list[str] = []
-    try:
+    with serve(demo, "127.0.0.1", port) as app:
+        url = f"http://127.0.0.1:{port}"
+        assert app.local_url.rstrip("/") == url
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
@@ -269,6 +314,4 @@ def test_demo_in_a_real_browser(demo, built, tmp_path):
             for private in (built["model"] / "model.safetensors", built["root"] / "scenes.json"):
                 assert get(f"{url}/gradio_api/file={private.resolve()}").status == 403
             browser.close()
-    finally:
-        app.close()
     assert outside == []  # offline: the page asks nothing of any other host

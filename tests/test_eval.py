@@ -84,6 +84,52 @@ def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
     assert kept["protocol"]["synthcir"]["exclude_reference"] is False
 
 
+def test_default_results_files_are_one_per_model_and_replacing_one_is_said(
+    synth, tmp_path, monkeypatch, capsys
+):
+    """Every run exports a folder named model/: runs/A/model and runs/B/model on the same split
+    wrote one file twice."""
+    split = load_split("synthcir", synth, "val")
+    corpus = [q.texts[0] for q in split.queries]
+    for run, seed in (("A", 0), ("B", 1)):
+        model = CSMCIR.from_preset("tiny", tokenizer_corpus=corpus, seed=seed)
+        model.save_pretrained(tmp_path / "runs" / run / "model")
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--benchmark", "synthcir", "--root", str(synth), "--empty-captions"]
+    args += ["--no-cache", "--device", "cpu"]
+    for run in ("A", "B"):
+        assert csmcir_main([*args, "--model", f"runs/{run}/model"]) == 0
+    written = sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir())
+    assert len(written) == 2 and [w[:8] for w in written] == ["A-model-", "B-model-"]
+    assert all(w.endswith("-synthcir-val.json") for w in written)
+    assert "replacing" not in capsys.readouterr().err
+    # the same model again: the same file, replaced, saying what it held
+    assert csmcir_main([*args, "--model", "runs/A/model"]) == 0
+    err = capsys.readouterr().err
+    assert f"replacing {Path('runs/eval') / written[0]}: it held synthcir val results of " in err
+    # another protocol is another file
+    assert csmcir_main([*args, "--model", "runs/A/model", "--exclude-reference", "no"]) == 0
+    assert len(list((tmp_path / "runs" / "eval").iterdir())) == 3
+
+
+def test_a_truncated_gallery_cache_entry_is_rebuilt_saying_so(synth, model_dir, tmp_path, capsys):
+    model = CSMCIR.from_pretrained(model_dir).eval()
+    split = load_split("synthcir", synth, "val")
+    paths = [split.image_path(g) for g in split.gallery]
+    texts = [f"scene {i}" for i in range(len(paths))]
+    cache = tmp_path / "cache"
+    first, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    (entry,) = (cache / "gallery").iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])  # "incomplete metadata" for safetensors
+    again, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    assert cached is False and torch.equal(again, first)
+    err = capsys.readouterr().err
+    assert f"gallery cache entry {entry} is unreadable" in err
+    assert "encoding the gallery again" in err
+    third, cached = encode_gallery(model, split.gallery, paths, texts, cache_dir=cache)
+    assert cached is True and torch.equal(third, first)  # the entry was replaced by a good one
+
+
 def test_scores_are_the_models_own_embeddings(synth, model_dir):
     model = CSMCIR.from_pretrained(model_dir).eval()
     split = load_split("synthcir", synth, "val")

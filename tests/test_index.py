@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from csmcir.cli import main as csmcir_main
-from csmcir.errors import DataError
+from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.metrics import rank_gallery
 from csmcir.model import CSMCIR
 from csmcir.retrieval import GalleryIndex
@@ -160,3 +160,54 @@ def test_approximate_search_that_finds_fewer_than_k_pads_with_minus_one():
     for row_ids, row in zip(hits.ids, hits.indices, strict=True):
         found = row[row >= 0]
         assert len(row_ids) == len(found) < 50 and row_ids == [ids[j] for j in found]
+
+
+def test_every_index_records_the_model_it_was_built_with(tiny, tmp_path):
+    paths = write_images(tmp_path / "imgs", 6)
+    captions = {p.stem: CORPUS[i % 4] for i, p in enumerate(paths)}
+    folder = tiny.save_pretrained(tmp_path / "model")
+    # from a folder: recorded, and what search and the demo open
+    GalleryIndex.build(tiny, paths, captions, model_dir=folder).save(tmp_path / "a")
+    assert GalleryIndex.load(tmp_path / "a").model_folder() == folder.resolve()
+    # from a model object alone (the Python API, as the quickstart used it): kept in INDEX/model
+    GalleryIndex.build(tiny, paths, captions).save(tmp_path / "b")
+    kept = GalleryIndex.load(tmp_path / "b").model_folder()
+    assert kept == (tmp_path / "b" / "model").resolve()
+    assert CSMCIR.from_pretrained(kept).fingerprint() == tiny.fingerprint()
+    # an index without one (older, or from embeddings) says what to pass, not "folder ."
+    bare = GalleryIndex.from_embeddings(unit(3, 8), ["x", "y", "z"], fingerprint="f")
+    bare.save(tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"records no model folder .*: pass --model"):
+        GalleryIndex.load(tmp_path / "c").model_folder()
+    assert GalleryIndex.load(tmp_path / "c").model_folder(folder) == folder
+
+
+def test_search_from_another_folder_finds_relative_image_paths(tiny, tmp_path, monkeypatch, capsys):
+    """An index built with relative paths (``--root datasets/...``) and searched elsewhere."""
+    build_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    paths = write_images(build_dir / "imgs", 6)
+    captions = build_dir / "captions.json"
+    captions.write_text(json.dumps({p.stem: CORPUS[i % 4] for i, p in enumerate(paths)}))
+    tiny.save_pretrained(build_dir / "model")
+    monkeypatch.chdir(build_dir)
+    build = ["index", "build", "--model", "model", "--images", "imgs", "--captions", str(captions)]
+    assert csmcir_main([*build, "--out", "index", "--no-cache", "--device", "cpu"]) == 0
+    assert json.loads(Path("index/ids.json").read_text())["paths"][0] == "imgs/g000.png"
+
+    monkeypatch.chdir(elsewhere)
+    search = ["search", "--index", str(build_dir / "index"), "--ref", str(paths[0])]
+    search += ["--text", "make it green", "-k", "6", "--grid", "grid.png", "--device", "cpu"]
+    capsys.readouterr()
+    assert csmcir_main(search) == 0
+    captured = capsys.readouterr()
+    assert (
+        str(build_dir / "imgs" / "g000.png") in captured.out and captured.err.count("warning") == 0
+    )
+    index = GalleryIndex.load(build_dir / "index")
+    assert index.path_of("g003") == str(build_dir / "imgs" / "g003.png")
+
+    (build_dir / "imgs" / "g004.png").unlink()  # a result image gone: said, and status 1
+    assert csmcir_main(search) == 1
+    err = capsys.readouterr().err
+    assert "1 of the 6 results are not on disk" in err and str(build_dir / "imgs/g004.png") in err

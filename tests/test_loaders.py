@@ -7,11 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from csmcir.data import fashion200k, fashioniq
 from csmcir.data.registry import BENCHMARKS, load_split, read_split
 from csmcir.errors import ConfigError, DataError
+from csmcir.evaluation.protocols import compute, prepare
 
 
 def write_image(path: Path) -> None:
@@ -134,7 +136,7 @@ def test_missing_image_is_an_error_naming_it(fiq: Path):
         load_split("fashioniq", fiq, "val", category="dress")
 
 
-def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Path):
+def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Path, capsys):
     (fiq / "images/C.png").unlink()
     (fiq / "images/E.png").unlink()
     (fiq / "images/E.jpg").unlink()
@@ -145,7 +147,13 @@ def test_drop_missing_drops_queries_and_writes_the_list(fiq: Path, tmp_path: Pat
     # query 1 targets C, query 2 starts from E: only query 0 survives
     assert [q.query_id for q in split.queries] == ["dress-0"]
     assert split.gallery == ["A", "B", "D"]
-    assert split.dropped == ["C", "E"]
+    assert split.dropped == ["C", "E"] and split.dropped_queries == ["dress-1", "dress-2"]
+    assert split.summary()["dropped_queries"] == 2
+    # said, not silent: the count and the first ids
+    assert (
+        "fashioniq-dress/val: drop_missing dropped 2 of 3 queries, which use 2 missing images; "
+        f"queries: dress-1, dress-2; images: {fiq / 'images/C.png'}, "
+    ) in capsys.readouterr().err
     written = json.loads(report.read_text())
     assert [m["id"] for m in written["missing_images"]] == ["C", "E"]
     assert written["missing_images"][0]["path"] == str(fiq / "images/C.png")
@@ -323,7 +331,7 @@ def test_circo_multiple_ground_truths_target_first(tmp_path: Path):
     assert (q0.query_id, q0.reference, q0.targets) == ("0", "1", ("5", "3", "4"))
     assert q1.targets == ("6",)
     assert q0.extra["shared_concept"] == "a dog"
-    assert split.exclude_reference is True
+    assert split.exclude_reference is False  # the official code ranks the reference
     assert split.image_paths["3"] == tmp_path / "COCO2017_unlabeled/unlabeled2017/000000000003.jpg"
 
 
@@ -472,6 +480,34 @@ def test_fashion200k_test_queries_labels_and_gallery(f200k: Path):
     assert split.gallery_labels["women/dresses/9/9_0.jpeg"] == "white cotton dress"
     assert split.gallery_labels["women/tops/10/10_0.jpeg"] == "silk top"
     assert split.image_paths["women/tops/10/10_0.jpeg"] == f200k / "women/tops/10/10_0.jpeg"
+
+
+def test_fashion200k_keeps_every_label_line_as_tirg_does(f200k: Path):
+    """An image listed twice (here with another caption, and once more with the same one) is a
+    gallery entry per line; a query path means its last line, the only entry excluded."""
+    with (f200k / "labels/top_test_detect_all.txt").open("a") as f:
+        f.write("women/dresses/7/7_0.jpeg\t0.9\tblack silk dress\n")
+        f.write("women/dresses/8/8_0.jpeg\t0.9\twhite cotton dress\n")
+    split = load_split("fashion200k", f200k, "test")
+    seven, eight = "women/dresses/7/7_0.jpeg", "women/dresses/8/8_0.jpeg"
+    nine, ten = "women/dresses/9/9_0.jpeg", "women/tops/10/10_0.jpeg"
+    assert split.gallery == [seven, eight, nine, ten, f"{seven}#2", f"{eight}#2"]
+    assert split.gallery_labels[seven] == "black cotton dress"
+    assert split.gallery_labels[f"{seven}#2"] == "black silk dress"
+    assert split.image_paths[f"{seven}#2"] == split.image_paths[seven] == f200k / seven
+    # query 0 (7 -> 8): source and target are the last lines of 7 and 8
+    q0, q1 = split.queries
+    assert (q0.reference, q0.targets) == (f"{seven}#2", (f"{eight}#2",))
+    assert q0.texts == ("replace black with white",)  # "black silk dress" vs "white cotton dress"
+    assert q1.targets == (f"{seven}#2",) and q1.texts == ("replace white with black",)
+    # only the reference's own entry leaves the ranking: its first line stays a candidate
+    prepared = prepare(split)
+    assert [split.gallery[i] for i in prepared.exclude] == [f"{seven}#2", nine]
+    # TIRG's hit rule over the duplicated gallery: a hit is any entry with the target's caption
+    scores = torch.zeros(2, 6)
+    scores[0, 1] = 1.0  # query 0 (target caption "white cotton dress"): entry 8, line 1: a hit
+    scores[1, 0] = 1.0  # query 1 (target "black silk dress"): entry 7, line 1, "black cotton"
+    assert compute(scores, prepared)["R@1"] == 50.0
 
 
 def test_one_word_partners_known_answer():

@@ -152,6 +152,20 @@ def test_rank_gallery_excludes_caps_and_breaks_ties_with_the_seed():
     assert any(rank_gallery(tied, seed=s).tolist() != a.tolist() for s in range(2, 6))
 
 
+def test_the_reference_codes_rankers_do_not_break_ties_by_gallery_order():
+    """docs/evaluation.md on ties: CLIP4Cir/SPRC's torch.argsort and SEARLE's torch.topk give
+    tied items in an order of their own, not the gallery's (an earlier page said otherwise)."""
+    tied = torch.zeros(5000)
+    assert not torch.equal(torch.argsort(tied, descending=True), torch.arange(5000))
+    assert not torch.equal(torch.topk(tied, 50).indices, torch.arange(50))
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    ties = page[page.index("### Ties") : page.index("## Protocols")]
+    assert "by gallery order" not in ties.replace('"by gallery order"', "")
+    assert "torch.topk" in ties and "torch.argsort" in ties
+
+
 def test_recall_read_off_a_ranking_equals_the_counted_recall():
     # Rounded scores leave many ties; both paths must order them the same way.
     gen = torch.Generator().manual_seed(0)

@@ -151,3 +151,43 @@ def test_circo_file_has_fifty_unique_integer_ids(tmp_path):
     top[0][1] = top[0][0]
     with pytest.raises(DataError, match="query 0: the list repeats an image"):
         write_circo_submission(split, top, tmp_path)
+
+
+def test_circo_submission_may_list_the_reference(tmp_path):
+    """CIRCO's own code ranks the whole gallery: the reference can be among the top 50."""
+    split = circo_split()
+    split.exclude_reference = False
+    top = [list(split.gallery[:50]) for _ in split.queries]  # query 0's reference comes first
+    assert top[0][0] == split.queries[0].reference
+    path = write_circo_submission(split, top, tmp_path)
+    check_circo_file(path, split)
+    assert json.loads(path.read_text())["0"][0] == int(split.queries[0].reference)
+
+
+def test_a_refused_submission_never_lands_on_disk(tmp_path, monkeypatch):
+    split = circo_split()
+    top = [list(split.gallery[:50]) for _ in split.queries]
+    top[1][1] = top[1][0]
+    with pytest.raises(DataError, match="query 1: the list repeats an image"):
+        write_circo_submission(split, top, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # an earlier good file of the same name survives a refused rewrite, byte for byte
+    top[1][1] = split.gallery[60]
+    good = write_circo_submission(split, top, tmp_path)
+    before = good.read_bytes()
+    top[2] = top[2][:49]
+    with pytest.raises(DataError, match="query 2: expected a list of 50 images, got 49"):
+        write_circo_submission(split, top, tmp_path)
+    assert good.read_bytes() == before and sorted(tmp_path.iterdir()) == [good]
+
+    cirr = cirr_split()
+    recall, subset = cirr_rankings(cirr)
+    subset[3] = [cirr.queries[3].reference, *subset[3][:2]]
+    out = tmp_path / "cirr"
+    with pytest.raises(DataError, match="query 103: lists its own reference"):
+        write_cirr_submission(cirr, recall, subset, out)
+    assert not out.exists() or list(out.iterdir()) == []  # neither of the two files
+    monkeypatch.setattr(submission, "CIRR_MAX_BYTES", 1000)
+    with pytest.raises(DataError, match="over the CIRR server's 5 MB limit"):
+        write_cirr_submission(cirr, *cirr_rankings(cirr), out)
+    assert not out.exists() or list(out.iterdir()) == []

@@ -11,12 +11,13 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
 from csmcir.cli import main as csmcir_main
 from csmcir.data.images import load_image
-from csmcir.data.synth import generate
+from csmcir.data.synth import generate, is_complete, recorded_config
 from csmcir.data.synth_build import SynthConfig
 from csmcir.data.synth_render import BACKGROUND, RGB, png_bytes, render_scene
 from csmcir.data.synth_scenes import COLORS, SHAPES, SIZES, Modification, Obj, make_scene
@@ -75,12 +76,24 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(bench, tm
     generate(tmp_path / "again", SynthConfig(seed=0, **TINY))
     generate(tmp_path / "seed1", SynthConfig(seed=1, **TINY))
     first, again = file_hashes(bench), file_hashes(tmp_path / "again")
-    assert len(first) == 3 * 2 + 1 + sum(len(image_split(bench, s)) for s in SPLITS)
+    assert len(first) == 3 * 2 + 2 + sum(len(image_split(bench, s)) for s in SPLITS)
     assert first == again
     other = file_hashes(tmp_path / "seed1")
     assert first.keys() == other.keys()  # same sizes give the same names...
     for name in ("scenes.json", *(f"captions/cap.rc2.{s}.json" for s in SPLITS)):
         assert first[name] != other[name]  # ...but different content
+
+
+def test_the_settings_are_recorded_first_so_an_interrupted_run_is_known(bench, tmp_path):
+    assert recorded_config(bench) == SynthConfig(seed=0, **TINY) and is_complete(bench)
+    # killed while rendering: the settings are there, scenes.json (written last) is not
+    (tmp_path / "killed").mkdir()
+    killed = patch("csmcir.data.synth.write_images", side_effect=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt), killed:
+        generate(tmp_path / "killed", SynthConfig(seed=3, **TINY))
+    assert recorded_config(tmp_path / "killed") == SynthConfig(seed=3, **TINY)
+    assert not is_complete(tmp_path / "killed")
+    assert recorded_config(tmp_path) is None  # a folder no generator wrote
 
 
 def test_test_split_does_not_depend_on_train_size(bench, tmp_path):
@@ -147,7 +160,13 @@ def test_every_image_exists_decodes_and_nothing_else_is_written(bench):
             assert image.size == (64, 64)
         on_disk = {p.stem for p in (bench / split).iterdir()}
         assert on_disk == names.keys()
-    assert {p.name for p in bench.iterdir()} == {"captions", "image_splits", "scenes.json", *SPLITS}
+    assert {p.name for p in bench.iterdir()} == {
+        "captions",
+        "image_splits",
+        "scenes.json",
+        "synth_config.json",
+        *SPLITS,
+    }
 
 
 def test_splits_are_disjoint_in_names_and_scenes(bench):

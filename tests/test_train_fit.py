@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from csmcir import cli as csmcir_cli
+from csmcir.data.registry import load_split
+from csmcir.errors import DataError
 from csmcir.model import CSMCIR
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
-from csmcir.train.export import model_from_checkpoint
+from csmcir.train.export import NamedCheckpointIO, model_from_checkpoint
 from csmcir.train.module import CSMCIRModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +131,33 @@ def test_fit_validates_checkpoints_and_exports(synthcir: Path, captions: Path, t
     assert check.trainer.callback_metrics["val/score"].item() == pytest.approx(last_score)
 
 
-def test_resume_continues_the_same_trajectory(synthcir: Path, captions: Path, tmp_path: Path):
+def test_a_finished_run_is_never_overwritten_silently(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    run(fit_args(synthcir, captions, tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = fit_args(synthcir, captions, tmp_path, "--trainer.max_steps", "1")
+    assert csmcir_cli.main(again) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds an earlier run (model, best, last.ckpt, best.ckpt)" in err
+    assert f"--ckpt_path {tmp_path / 'last.ckpt'}" in err and "--overwrite true" in err
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing touched, no new log folder
+    # --overwrite: the old run's checkpoints and models go first, so none of them survives
+    # beside the new run's (this one does not validate: no best/ of its own)
+    run([*again, "--trainer.limit_val_batches", "0", "--overwrite", "true"])
+    assert "--overwrite: deleted the earlier run's model, best, last.ckpt, best.ckpt" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "best").exists() and not (tmp_path / "best.ckpt").exists()
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["global_step"] == 1
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_resume_continues_the_same_trajectory(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
     """12 steps straight vs resumed from step 6 (mid-epoch) and from step 8 (an epoch's end)."""
     snapshots = tmp_path / "snapshots"
     extra = tmp_path / "snapshot.yaml"
@@ -156,6 +184,16 @@ def test_resume_continues_the_same_trajectory(synthcir: Path, captions: Path, tm
         assert all(lr_b[s] == pytest.approx(lr_a[s]) for s in lr_b)
         assert series(b, "val/score")[11] == pytest.approx(series(a, "val/score")[11])
 
+    # Another batch size (or seed) would continue with other samples: refused, as the seed is.
+    snapshot = str(snapshots / "snap-step=6.ckpt")
+    for change, message in (
+        (("--data.batch_size", "4"), "trained with batch_size 8, this run has 4"),
+        (("--seed_everything", "1"), "the checkpoint's data seed is 0, this run's is 1"),
+    ):
+        other = fit_args(synthcir, captions, tmp_path / "other", *longer, "--ckpt_path", snapshot)
+        assert csmcir_cli.main([*other, *change]) == 2
+        assert message in capsys.readouterr().err
+
 
 def test_missing_captions_give_the_command_that_makes_them(
     synthcir: Path, captions: Path, tmp_path: Path, capsys
@@ -174,6 +212,10 @@ def test_missing_captions_give_the_command_that_makes_them(
 
     assert csmcir_cli.main(fit_args(synthcir, tmp_path / "nope.json", tmp_path)) == 2
     assert "caption file not found" in capsys.readouterr().err
+    # failed runs leave no empty logs/version_N folders (nor logs/ itself)
+    assert not (tmp_path / "logs").exists()
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path / "new")) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_wrong_config_keys_are_named(synthcir: Path, tmp_path: Path, capsys):
@@ -279,3 +321,52 @@ def test_checkpoints_of_python_built_runs_load_weights_only(
     assert checkpoint["datamodule_hyper_parameters"]["root"] == str(synthcir)
     model = model_from_checkpoint(tmp_path / "one.ckpt")
     assert model.config.preset == "tiny"
+
+
+def test_a_truncated_checkpoint_is_named(synthcir: Path, captions: Path, tmp_path: Path, capsys):
+    """torch's "PytorchStreamReader failed" alone does not say which file to delete."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    named = rf"checkpoint {cut} is unreadable \(.*\): it is cut short"
+    with pytest.raises(DataError, match=named):
+        model_from_checkpoint(cut)
+    with pytest.raises(DataError, match=named):  # what fit's trainer reads checkpoints with
+        NamedCheckpointIO().load_checkpoint(cut)
+    argv = fit_args(synthcir, captions, tmp_path / "run", "--ckpt_path", str(cut))
+    assert csmcir_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {cut} is unreadable" in err and "PytorchStreamReader" in err
+    assert "Traceback" not in err
+
+
+def test_drop_missing_says_what_it_dropped_and_records_it(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    import shutil
+
+    root = tmp_path / "synth"
+    shutil.copytree(synthcir, root, ignore=shutil.ignore_patterns("mcot_captions*"))
+    train = load_split("synthcir", root, "train")
+    val = load_split("synthcir", root, "val")
+    gone = [train.queries[0].target, val.queries[0].reference]
+    for image_id in gone:
+        (train.image_paths.get(image_id) or val.image_paths[image_id]).unlink()
+    args = fit_args(root, captions, tmp_path / "run", "--data.drop_missing", "true")
+    run([*args, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
+    err = capsys.readouterr().err
+    dropped_train = [  # every query whose reference, target or subset uses the missing image
+        q.query_id for q in train.queries if gone[0] in (q.reference, q.target, *q.subset)
+    ]
+    assert len(dropped_train) > 1
+    assert f"synthcir/train: drop_missing dropped {len(dropped_train)} of 64 queries" in err
+    assert f"queries: {', '.join(dropped_train[:5])}" in err
+    assert "synthcir/val: drop_missing dropped" in err
+    for folder in ("model", "best"):
+        record = json.loads((tmp_path / "run" / folder / "training.json").read_text())
+        assert record["dropped"]["synthcir/train"] == {
+            "images": [gone[0]],
+            "queries": dropped_train,
+        }
+        assert record["dropped"]["synthcir/val"]["images"] == [gone[1]]

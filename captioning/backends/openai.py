@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from PIL import Image, UnidentifiedImageError
 
 from captioning.backends.base import Answer, Backend, BackendFailure, Request
-from csmcir.errors import ConfigError, CsmcirError
+from csmcir.data.images import open_image
+from csmcir.errors import ConfigError, CsmcirError, DataError
 
 SENT_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 FATAL_STATUS = {401: "check --api-key-env", 403: "check --api-key-env", 404: "check --base-url"}
@@ -36,7 +36,7 @@ FATAL_STATUS = {401: "check --api-key-env", 403: "check --api-key-env", 404: "ch
 def image_data_url(path: Path) -> str:
     """The image as a data URL: PNG/JPEG/WebP/GIF bytes as they are, other formats as PNG."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(io.BytesIO(data), path) as img:
         fmt = img.format
         if fmt in SENT_AS_IS:
             img.verify()
@@ -181,7 +181,9 @@ class OpenAIBackend(Backend):
     async def _one(self, request: Request) -> Answer | BackendFailure:
         try:
             image_url = await asyncio.to_thread(image_data_url, request.image_path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except DataError as e:  # not an image, or over the pixel limit: named by open_image
+            return BackendFailure(str(e))
+        except (OSError, SyntaxError, ValueError) as e:
             return BackendFailure(f"unreadable image {request.image_path}: {e}")
         payload = self._payload(request, image_url)
         url = f"{self.base_url}/chat/completions"

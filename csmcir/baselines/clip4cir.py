@@ -166,6 +166,11 @@ class CLIP4Cir(nn.Module):
             raise TypeError("texts must be a sequence of str")
         return self.tokenizer.encode(texts, self.config.context_length).to(self.device)
 
+    def truncated(self, texts: Sequence[str]) -> list[str | None]:
+        """Per text: None when the model reads all of it, else the start it reads (texts are
+        cut at ``context_length`` tokens), so a command can say a query was cut."""
+        return self.tokenizer.kept_texts(texts, self.config.context_length)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.precision)
         if dtype is None:

@@ -22,7 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json, read_json
-from csmcir.model.tokenizer import build_wordpiece_tokenizer, check_tokenizer, load_tokenizer
+from csmcir.model.tokenizer import (
+    build_wordpiece_tokenizer,
+    check_tokenizer,
+    kept_texts,
+    load_tokenizer,
+)
 
 OPEN_CLIP_FILE = "open_clip_tokenizer.json"
 
@@ -37,6 +42,8 @@ class TextTokenizer(Protocol):
     def __len__(self) -> int: ...
 
     def encode(self, texts: Sequence[str], context_length: int) -> torch.Tensor: ...
+
+    def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]: ...
 
     def save_pretrained(self, folder: str | Path) -> None: ...
 
@@ -76,6 +83,10 @@ class WordPieceTokenizer:
             max_length=context_length,
             return_tensors="pt",
         )["input_ids"]
+
+    def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]:
+        """Per text: None when it fits, else the start that :meth:`encode` keeps."""
+        return kept_texts(self.tokenizer, texts, context_length)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
@@ -130,6 +141,13 @@ class OpenCLIPTokenizer:
     def encode(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """``[B, context_length]`` ids; open_clip keeps <eot> (the argmax CLIP pools) last."""
         return self.bpe(list(texts), context_length=context_length)
+
+    def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]:
+        """Per text: None when it fits, else the start that :meth:`encode` keeps (between
+        <sot> and <eot>, as CLIP's BPE normalises it: lower case, single spaces)."""
+        room = context_length - 2
+        tokens = [self.bpe.encode(text) for text in texts]
+        return [None if len(t) <= room else self.bpe.decode(t[:room]).strip() for t in tokens]
 
     def save_pretrained(self, folder: str | Path) -> None:
         atomic_write_json(

@@ -7,8 +7,10 @@ Files under the root (the layout of the official repository, miccunifi/CIRCO):
 ``images[].file_name``) with the images in ``COCO2017_unlabeled/unlabeled2017/``. The same two
 items directly under the root (without ``COCO2017_unlabeled/``) are accepted too.
 
-Protocol: the gallery is the whole unlabeled2017 set (123,403 images), the reference is removed
-from its ranking, ids are ``str(int)``, and ``targets`` lists ``target_img_id`` first, then the
+Protocol: the gallery is the whole unlabeled2017 set (123,403 images), ranked whole with the
+reference included, as the CIRCO authors' code does (SEARLE's ``circo_compute_val_metrics`` and
+``circo_generate_test_dict`` take the top 50 of all gallery scores); ``exclude_reference=True``
+removes it instead. Ids are ``str(int)``, and ``targets`` lists ``target_img_id`` first, then the
 other ``gt_img_ids``.
 """
 
@@ -54,7 +56,7 @@ def read_gallery(info_path: Path, image_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def read(root: str | Path, split: str, *, exclude_reference: bool = True) -> CIRSplit:
+def read(root: str | Path, split: str, *, exclude_reference: bool = False) -> CIRSplit:
     root = require_root(root, "circo")
     ann_path = root / "annotations" / f"{split}.json"
     records = read_json_list(ann_path, "CIRCO annotation file")

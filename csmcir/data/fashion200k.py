@@ -11,6 +11,11 @@ Captions are whitespace-stripped as TIRG does. TIRG also rewrites ``. ? & *`` as
 ``questionmark``, ``andmark``, ``starmark`` for its own word tokenizer; that changes neither
 word boundaries nor caption equality, so the text here keeps the original characters.
 
+Every label line is one gallery entry, as in TIRG's reader (one ``self.imgs`` item a line). An
+image listed on n lines is n entries, with ids ``path``, ``path#2``, ..., ``path#n`` and each its
+own caption; a path in ``test_queries.txt`` means its last line, as TIRG's ``file2imgid`` dict
+(the last assignment wins), and only that entry is removed from its query's ranking.
+
 Training queries: TIRG pairs images whose captions differ in one word, sampling a fresh pair per
 image each epoch. Here they are drawn once per ``seed``: for each train image with at least one
 such partner, a random one-word-different caption and a random image bearing it.
@@ -46,14 +51,22 @@ def modification_text(source: str, target: str) -> str:
     return f"replace {old} with {new}"
 
 
-def read_labels(root: Path, split: str) -> dict[str, str]:
-    """Image path (relative to the root) -> caption, over every category's label file."""
+def entry_id(path: str, occurrence: int) -> str:
+    """The gallery id of the ``occurrence``-th (1-based) label line of an image path."""
+    return path if occurrence == 1 else f"{path}#{occurrence}"
+
+
+def read_labels(root: Path, split: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(gallery id -> caption, gallery id -> image path relative to the root): one entry per
+    label line of every category's file, in file-name then line order."""
     label_dir = root / "labels"
     files = sorted(label_dir.glob(f"*_{split}_detect_all.txt")) if label_dir.is_dir() else []
     if not files:
         pattern = label_dir / f"<category>_{split}_detect_all.txt"
         raise DataError(f"fashion200k: no label files {pattern}")
     captions: dict[str, str] = {}
+    images: dict[str, str] = {}
+    seen: dict[str, int] = defaultdict(int)
     for path in files:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -63,19 +76,18 @@ def read_labels(root: Path, split: str) -> dict[str, str]:
                 raise DataError(
                     f"{path}:{n}: expected 'path<TAB>score<TAB>caption', got {line[:80]!r}"
                 )
-            image, caption = parts[0].strip(), parts[2].strip()
-            if captions.setdefault(image, caption) != caption:
-                raise DataError(
-                    f"{path}:{n}: image {image} listed again with another caption "
-                    f"({captions[image]!r} vs {caption!r})"
-                )
-    return captions
+            image = parts[0].strip()
+            seen[image] += 1
+            image_id = entry_id(image, seen[image])
+            captions[image_id], images[image_id] = parts[2].strip(), image
+    return captions, images
 
 
-def test_queries(root: Path, labels: dict[str, str]) -> list[CIRQuery]:
+def test_queries(root: Path, labels: dict[str, str], images: dict[str, str]) -> list[CIRQuery]:
     path = root / QUERY_FILE
     if not path.is_file():
         raise DataError(f"fashion200k: {path} not found (TIRG's test queries, google/tirg)")
+    last = {image: image_id for image_id, image in images.items()}  # TIRG's file2imgid
     queries = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -83,10 +95,10 @@ def test_queries(root: Path, labels: dict[str, str]) -> list[CIRQuery]:
         parts = line.split()
         if len(parts) != 2:
             raise DataError(f"{path}:{n}: expected 'source_path target_path', got {line[:80]!r}")
-        unknown = [p for p in parts if p not in labels]
+        unknown = [p for p in parts if p not in last]
         if unknown:
             raise DataError(f"{path}:{n}: {first_few(unknown)} not in the test label files")
-        source, target = parts
+        source, target = (last[p] for p in parts)
         queries.append(
             CIRQuery(
                 query_id=str(len(queries)),
@@ -149,14 +161,17 @@ def read(
     root: str | Path, split: str, *, seed: int = 0, exclude_reference: bool = True
 ) -> CIRSplit:
     root = require_root(root, "fashion200k")
-    labels = read_labels(root, split)
-    queries = train_queries(labels, seed) if split == "train" else test_queries(root, labels)
+    labels, images = read_labels(root, split)
+    if split == "train":
+        queries = train_queries(labels, seed)
+    else:
+        queries = test_queries(root, labels, images)
     return CIRSplit(
         benchmark="fashion200k",
         split=split,
         queries=queries,
         gallery=list(labels),
-        image_paths={image: root / image for image in labels},
+        image_paths={image_id: root / image for image_id, image in images.items()},
         exclude_reference=exclude_reference,
         gallery_labels=dict(labels),
     )

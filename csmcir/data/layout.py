@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from csmcir.data.records import CIRSplit
-from csmcir.errors import DataError
+from csmcir.errors import DataError, warn
 from csmcir.io import atomic_write_json, read_json
 
 SHOWN = 5  # how many offending names an error message lists
@@ -123,6 +123,7 @@ def drop_images(split: CIRSplit, missing: list[str]) -> tuple[CIRSplit, list[str
         gallery=[g for g in split.gallery if g not in gone],
         image_paths={k: v for k, v in split.image_paths.items() if k not in gone},
         dropped=[*split.dropped, *dict.fromkeys(missing)],
+        dropped_queries=[*split.dropped_queries, *dropped_ids],
     )
     return new, dropped_ids
 
@@ -148,6 +149,11 @@ def apply_missing_policy(
         )
     paths = {i: split.image_paths.get(i) for i in missing}
     new, dropped_queries = drop_images(split, missing)
+    warn(
+        f"{split.benchmark}/{split.split}: drop_missing dropped {len(dropped_queries)} of "
+        f"{len(split.queries)} queries, which use {len(missing)} missing images; queries: "
+        f"{first_few(dropped_queries)}; images: {first_few(paths[i] or i for i in missing)}"
+    )
     if dropped_report is not None:
         write_dropped_report(dropped_report, split, missing, dropped_queries, paths)
     return new

@@ -60,6 +60,7 @@ class CIRSplit:
         gallery_labels: for caption-matched benchmarks (Fashion200k) the label of each gallery
             image; a retrieved image is a hit when its label equals the target's.
         dropped: image ids dropped by an explicit ``drop_missing`` request, for the record.
+        dropped_queries: the ids of the queries dropped with them.
     """
 
     benchmark: str
@@ -72,6 +73,7 @@ class CIRSplit:
     train_text: Callable[[CIRQuery, random.Random], str] = single_text
     gallery_labels: dict[str, str] | None = None
     dropped: list[str] = field(default_factory=list)
+    dropped_queries: list[str] = field(default_factory=list)
 
     @property
     def has_targets(self) -> bool:
@@ -104,6 +106,7 @@ class CIRSplit:
             "gallery": len(self.gallery),
             "images": len(self.referenced_images()),
             "dropped": len(self.dropped),
+            "dropped_queries": len(self.dropped_queries),
         }
 
 

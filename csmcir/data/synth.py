@@ -1,14 +1,17 @@
 """``csmcir data synth``: write the synthetic CIR benchmark in the CIRR rc2 layout.
 
 Layout under ``--out``: ``<split>/<name>.png`` images, ``image_splits/split.rc2.<split>.json``,
-``captions/cap.rc2.<split>.json`` (CIRR records plus ``mod_type``) and ``scenes.json``, the ground
-truth of every image. Images are written first and the annotations last, so a killed run never
-leaves annotations that point at unwritten images. See ``docs/synthcir.md``.
+``captions/cap.rc2.<split>.json`` (CIRR records plus ``mod_type``), ``scenes.json``, the ground
+truth of every image, and ``synth_config.json``, the settings that made it. The settings go
+first, then the images, and the annotations last, so a killed run never leaves annotations that
+point at unwritten images, and a folder with settings but no ``scenes.json`` is an interrupted
+generation. See ``docs/synthcir.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,15 +20,18 @@ from tqdm import tqdm
 from csmcir.data.synth_build import SPLITS, SplitData, SynthConfig, build_splits
 from csmcir.data.synth_render import png_bytes, render_scene
 from csmcir.data.synth_scenes import ATTRIBUTES, GRID, Scene
-from csmcir.errors import ConfigError
-from csmcir.io import atomic_write_json, atomic_write_text
+from csmcir.errors import ConfigError, DataError
+from csmcir.io import atomic_write_json, atomic_write_text, read_json
 
 SCENES_VERSION = 1
+CONFIG_FILE = "synth_config.json"
+SCENES_FILE = "scenes.json"
 
 
 def annotation_paths(out: Path) -> list[Path]:
     return [
-        out / "scenes.json",
+        out / CONFIG_FILE,
+        out / SCENES_FILE,
         *(out / "captions" / f"cap.rc2.{s}.json" for s in SPLITS),
         *(out / "image_splits" / f"split.rc2.{s}.json" for s in SPLITS),
     ]
@@ -124,7 +130,7 @@ def write_annotations(out: Path, splits: dict[str, SplitData]) -> None:
         paths = {n: f"./{name}/{n}.png" for n in sorted(split.names.values())}
         atomic_write_json(out / "image_splits" / f"split.rc2.{name}.json", paths)
         atomic_write_json(out / "captions" / f"cap.rc2.{name}.json", records)
-    atomic_write_text(out / "scenes.json", scenes_json(splits))
+    atomic_write_text(out / SCENES_FILE, scenes_json(splits))
 
 
 def summary_line(split: SplitData) -> str:
@@ -142,10 +148,29 @@ def generate(out: str | Path, config: SynthConfig, overwrite: bool = False) -> d
     out = Path(out)
     config.validate()
     prepare_out(out, overwrite)
+    atomic_write_json(out / CONFIG_FILE, dataclasses.asdict(config))
     splits = build_splits(config)
     write_images(out, splits, config.image_size)
     write_annotations(out, splits)
     return splits
+
+
+def recorded_config(out: str | Path) -> SynthConfig | None:
+    """The settings a benchmark folder was generated with (None: no ``synth_config.json``, as
+    in folders generated before it was written)."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    fields = read_json(path, "synthetic benchmark settings")
+    try:
+        return SynthConfig(**fields)
+    except TypeError as e:
+        raise DataError(f"{path}: not the settings of this generator ({e})") from None
+
+
+def is_complete(out: str | Path) -> bool:
+    """Whether a generation finished there (its last file, ``scenes.json``, exists)."""
+    return (Path(out) / SCENES_FILE).is_file()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

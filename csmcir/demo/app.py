@@ -2,12 +2,17 @@
 
 Errors a user can cause (no reference, empty text, a file that is too large or not an image)
 appear in the page as a warning toast and in the status line, never as a stack trace. The
-server hands out gallery images only: ``allowed_paths`` is the index's gallery folders.
+server hands out gallery images only: ``allowed_paths`` is the index's gallery folders. Uploads
+live in a temporary folder of the page's own, deleted when it stops (:func:`serve`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
@@ -15,7 +20,9 @@ import gradio as gr
 from csmcir.data.images import load_image
 from csmcir.demo.engine import MAX_K, Result, RetrievalDemo
 from csmcir.errors import CsmcirError
+from csmcir.retrieval.grid import ECHOED, shorten
 
+UPLOAD_DIR_ENV = "GRADIO_TEMP_DIR"  # where Gradio stores uploads, read when a page is built
 PICKER_LIMIT = 48
 NO_REFERENCE = "No reference yet: pick a gallery image or upload one."
 
@@ -64,7 +71,10 @@ def build_app(demo: RetrievalDemo, picker_limit: int = PICKER_LIMIT) -> gr.Block
         except CsmcirError as e:
             return [], "", _error(str(e))
         items = [(str(r.path), f"#{r.rank} · {r.score:.3f} · {r.image_id}") for r in results]
-        status = f'Top {len(results)} for "{html.escape(text.strip())}"'
+        status = f'Top {len(results)} for "{html.escape(shorten(text.strip(), ECHOED))}"'
+        note = demo.cut_note(text)
+        if note:
+            status += f"\n\n**Note:** {html.escape(note)}"
         return items, results_table(results), status
 
     with gr.Blocks(title="CSMCIR retrieval demo", analytics_enabled=False) as app:
@@ -144,25 +154,42 @@ def _error(message: str) -> str:
     return f"**Error:** {html.escape(message)}"
 
 
-def launch(
+@contextlib.contextmanager
+def serve(
     demo: RetrievalDemo,
     host: str = "127.0.0.1",
     port: int | None = None,
-) -> gr.Blocks:
-    """Start serving the page in the background (``app.local_url``; ``app.block_thread()`` waits).
+) -> Iterator[gr.Blocks]:
+    """Serve the page in the background while the block runs (``app.local_url``;
+    ``app.block_thread()`` waits), then stop it and delete every upload.
 
-    Only the gallery folders are readable; uploads are capped server-side too.
+    Only the gallery folders are readable; uploads are capped server-side too. Uploads (refused
+    ones included) and Gradio's copies of files go to a temporary folder of this page's own
+    (``$GRADIO_TEMP_DIR`` while it runs), removed with everything in it when the page stops,
+    instead of piling up in the system's shared ``gradio`` temp folder.
     """
-    app = build_app(demo)
-    app.queue(default_concurrency_limit=1)  # one model, one search at a time
-    app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        allowed_paths=[str(f) for f in demo.gallery_folders()],
-        max_file_size=demo.max_upload_bytes,
-        prevent_thread_lock=True,
-        quiet=True,
-        footer_links=[],
-    )
-    return app
+    previous = os.environ.get(UPLOAD_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="csmcir-demo-") as uploads:
+        os.environ[UPLOAD_DIR_ENV] = uploads
+        try:
+            app = build_app(demo)
+            app.queue(default_concurrency_limit=1)  # one model, one search at a time
+            app.launch(
+                server_name=host,
+                server_port=port,
+                share=False,
+                allowed_paths=[str(f) for f in demo.gallery_folders()],
+                max_file_size=demo.max_upload_bytes,
+                prevent_thread_lock=True,
+                quiet=True,
+                footer_links=[],
+            )
+            try:
+                yield app
+            finally:
+                app.close()
+        finally:
+            if previous is None:
+                os.environ.pop(UPLOAD_DIR_ENV, None)
+            else:
+                os.environ[UPLOAD_DIR_ENV] = previous

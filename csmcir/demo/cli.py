@@ -23,7 +23,11 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--index", required=True, type=Path, help="folder from csmcir index build")
-    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model folder or training run folder (its model/); default: the index's own",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: the first free from 7860)")
     parser.add_argument(
@@ -40,14 +44,11 @@ def main(argv: list[str]) -> int:
     from csmcir.evaluation.encode import pick_device
 
     demo = RetrievalDemo.load(args.index, args.model, pick_device(args.device), args.max_upload_mb)
-    from csmcir.demo.app import launch
+    from csmcir.demo.app import serve
 
-    app = launch(demo, args.host, args.port)
-    folders = ", ".join(map(str, demo.gallery_folders()))
-    print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
-    print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
-    try:
+    with serve(demo, args.host, args.port) as app:
+        folders = ", ".join(map(str, demo.gallery_folders()))
+        print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
+        print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
         app.block_thread()
-    finally:
-        app.close()
     return 0

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from csmcir.data.images import load_image
+from csmcir.data.images import ImageTooLargeError, load_image
 from csmcir.errors import ConfigError, DataError
+from csmcir.model.tokenizer import describe_cut
 from csmcir.retrieval.index import GalleryIndex
+from csmcir.train.run_folder import model_folder
 
 DEFAULT_MAX_UPLOAD_MB = 10.0
 MAX_K = 50
@@ -57,12 +59,7 @@ class RetrievalDemo:
         from csmcir.model import CSMCIR
 
         index = GalleryIndex.load(index_dir)
-        folder = Path(model_dir or index.meta.get("model_dir") or "")
-        if model_dir is None and not folder.is_dir():
-            raise ConfigError(
-                f"the model folder recorded in {Path(index_dir) / 'meta.json'} ({folder}) is "
-                "gone: pass --model (the folder the index was built with)"
-            )
+        folder = index.model_folder(None if model_dir is None else model_folder(model_dir))
         if not folder.is_dir():
             raise ConfigError(f"--model {folder} is not a model folder")
         model = CSMCIR.from_pretrained(folder).to(device)
@@ -97,11 +94,19 @@ class RetrievalDemo:
                 f"{self.max_upload_mb:g} MB"
             )
         try:
-            return load_image(path)
+            return load_image(path, name=path.name)
+        except ImageTooLargeError:
+            raise
         except DataError:
             raise DataError(
                 f"{path.name} is not an image this demo can read (PNG, JPEG, WebP, ...)"
             ) from None
+
+    def cut_note(self, text: str) -> str | None:
+        """Where the model cuts a text longer than it reads (None: it reads all of it)."""
+        text = text.strip()
+        (kept,) = self.model.truncated([text])
+        return None if kept is None else describe_cut(text, kept)
 
     @torch.inference_mode()
     def search(

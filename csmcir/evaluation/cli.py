@@ -1,6 +1,7 @@
 """``csmcir eval``: a benchmark's metrics for a model, or its test-server submission files.
 
-csmcir eval --model checkpoints/synthcir-tiny --benchmark synthcir --root datasets/synthcir
+csmcir eval --model checkpoints/synthcir-tiny --benchmark synthcir --root datasets/synthcir \\
+    --captions datasets/synthcir/mcot_captions.json   # a run folder: its model/ is evaluated
 csmcir eval --model DIR --benchmark fashioniq --root data/fashioniq --captions caps.json
 csmcir eval --model DIR --benchmark cirr --root data/cirr --split test1 --submission out/
 csmcir eval --model tiny ...      # untrained zero-shot baseline: what training adds
@@ -13,18 +14,23 @@ from pathlib import Path
 
 from csmcir.data.captions import load_captions
 from csmcir.data.records import CIRSplit
-from csmcir.errors import ConfigError
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation import protocols, submission
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.evaluation.runner import score_split
-from csmcir.io import atomic_write_json
+from csmcir.io import atomic_write_json, read_json
+from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
 
 DEFAULT_SPLIT = {"shoes": "test", "fashion200k": "test"}  # the others: val
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="exported model folder, or a preset (tiny)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="exported model folder, a training run folder (its model/), or a preset (tiny)",
+    )
     p.add_argument("--benchmark", required=True, help="synthcir, cirr, fashioniq, circo, ...")
     p.add_argument("--root", required=True, type=Path, help="the benchmark's folder")
     p.add_argument("--split", help="split to evaluate (default: val; shoes, fashion200k: test)")
@@ -52,7 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--submission", type=Path, help="write test-server files to this folder")
     p.add_argument("--name", default="csmcir", help="suffix of the submission file names")
-    p.add_argument("--out", type=Path, help="results JSON (default runs/eval/<...>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results JSON (default: runs/eval/<model>-<fingerprint>-<benchmark>-<split>.json, "
+        "<model> being <run>-model for a run's export; an existing file is replaced, saying so)",
+    )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="gallery cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--batch-size", type=int, default=64)
@@ -99,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
     def corpus() -> list[str]:
         return [s.eval_text(q) for s in splits for q in s.queries] + list((captions or {}).values())
 
-    model = load_model(args.model, corpus, seed=args.seed).to(pick_device(args.device))
+    spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
+    model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
     fingerprint = model.fingerprint()
     features = None
     if args.features:
@@ -121,7 +133,10 @@ def run(args: argparse.Namespace) -> dict:
             fingerprint=fingerprint,
             features=features,
         )
-        data[s.benchmark] = s.summary() | {"gallery_from_cache": scored.gallery_from_cache}
+        data[s.benchmark] = s.summary() | {
+            "gallery_from_cache": scored.gallery_from_cache,
+            "texts_cut": texts_cut(model, s, scored.prepared.texts, captions),
+        }
         if args.submission:
             written += [str(p) for p in write_submission(s, scored, args)]
         else:
@@ -135,6 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         "split": split_name,
         "model": {
             "source": args.model,
+            "folder": str(Path(spec).resolve()) if Path(spec).is_dir() else None,
             "fingerprint": fingerprint,
             "preset": model.config.preset,
             "tower": model.config.tower,
@@ -157,10 +173,28 @@ def run(args: argparse.Namespace) -> dict:
             for k, v in vars(args).items()
         },
     }
-    out = args.out or default_out(args, split_name)
+    out = args.out or default_out(args, split_name, spec, fingerprint)
+    if out.is_file():
+        warn(f"replacing {out}: {describe_results(out)}")
     atomic_write_json(out, results)
     results["written_to"] = str(out)
     return results
+
+
+def texts_cut(model, split: CIRSplit, queries: list[str], captions) -> dict[str, int]:
+    """How many query texts and gallery captions are longer than the model reads (it reads
+    their first ``max_text_length`` tokens, as every CIR codebase does); said when any."""
+    cut = {"queries": sum(k is not None for k in model.truncated(queries))}
+    if model.config.target_text == "caption" and captions:
+        texts = [captions[g] for g in split.gallery if g in captions]
+        cut["captions"] = sum(k is not None for k in model.truncated(texts))
+    if any(cut.values()):
+        warn(
+            f"{split.benchmark} {split.split}: {cut['queries']} of {len(queries)} query texts"
+            + (f" and {cut['captions']} gallery captions" if cut.get("captions") else "")
+            + " are longer than the model reads and were cut to their first tokens"
+        )
+    return cut
 
 
 def headline(benchmark: str, metrics: dict[str, dict[str, float]]) -> dict | None:
@@ -196,10 +230,35 @@ def write_submission(split: CIRSplit, scored, args: argparse.Namespace) -> list[
     return [submission.write_circo_submission(split, top, args.submission, args.name)]
 
 
-def default_out(args: argparse.Namespace, split_name: str) -> Path:
-    model_name = Path(args.model).name or "model"
-    category = f"-{args.category}" if args.category else ""
-    return Path("runs") / "eval" / f"{model_name}-{args.benchmark}{category}-{split_name}.json"
+def default_out(args: argparse.Namespace, split_name: str, spec: str, fingerprint: str) -> Path:
+    """A name of its own per model and protocol: every run exports a folder called ``model``,
+    so the folder's name alone would give ``runs/A/model`` and ``runs/B/model`` one file."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        label = spec  # a preset
+    elif folder.name in (FINAL_MODEL, BEST_MODEL):
+        label = f"{folder.resolve().parent.name}-{folder.name}"
+    else:
+        label = folder.resolve().name
+    parts = [label, fingerprint[:8], args.benchmark, args.category, split_name]
+    if args.exclude_reference != "default":
+        parts.append(f"exclude-reference-{args.exclude_reference}")
+    if args.caption_join != protocols.DEFAULT_JOIN:
+        parts.append(f"join-{args.caption_join}")
+    return Path("runs") / "eval" / ("-".join(p for p in parts if p) + ".json")
+
+
+def describe_results(path: Path) -> str:
+    """What an earlier results file holds, for the warning before it is replaced."""
+    try:
+        old = read_json(path, "results file")
+        model = old["model"]
+        return (
+            f"it held {old['benchmark']} {old['split']} results of {model['source']} "
+            f"({model['fingerprint'][:12]})"
+        )
+    except (DataError, KeyError, TypeError):
+        return "it held something else"
 
 
 def format_by_type(groups: dict[str, dict], columns: tuple[str, ...] = ()) -> str:
@@ -223,7 +282,8 @@ def format_results(results: dict) -> str:
         cached = " (gallery from cache)" if summary["gallery_from_cache"] else ""
         lines.append(
             f"  {name}: {summary['queries']} queries, gallery {summary['gallery']} images, "
-            f"{summary['dropped']} dropped{cached}"
+            f"{summary['dropped_queries']} queries dropped ({summary['dropped']} missing "
+            f"images){cached}"
         )
     metrics = results["metrics"]
     if metrics:

@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from csmcir.data.images import load_image
-from csmcir.errors import ConfigError, DataError
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.io import atomic_write_bytes
+from csmcir.train.run_folder import model_folder
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
 CACHE_VERSION = "1"
@@ -34,15 +36,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
-    """An exported model folder, or a preset name (``tiny``: untrained, tokenizer from ``corpus``).
+    """An exported model folder (or a training run folder: its ``model/``), or a preset name
+    (``tiny``: untrained, tokenizer from ``corpus``).
 
     Untrained presets are the zero-shot baseline: they show what training adds. ``corpus`` is
     called only when a tokenizer has to be built.
     """
     from csmcir.model import CSMCIR
 
-    if Path(spec).exists():  # a folder, or a file from_pretrained explains
-        return CSMCIR.from_pretrained(spec)
+    if Path(spec).exists():  # a folder (or run folder), or a file from_pretrained explains
+        return CSMCIR.from_pretrained(model_folder(spec))
     from csmcir.model.registry import list_presets, load_preset
 
     if spec not in list_presets():
@@ -152,10 +155,9 @@ def encode_gallery(
         source = f"features {features.fingerprint}" if features is not None else "pixels"
         key = gallery_key(f"{fingerprint} {source}", paths, ids, texts)
         path = Path(cache_dir) / "gallery" / f"{key[:40]}.safetensors"
-        if path.is_file():
-            cached = load_file(path)["embeddings"]
-            if cached.shape[0] == len(ids):
-                return cached, True
+        cached = read_cached_gallery(path, len(ids))
+        if cached is not None:
+            return cached, True
     embeddings = encode_images(
         model,
         paths,
@@ -170,6 +172,26 @@ def encode_gallery(
         meta = {"model": fingerprint, "images": str(len(ids)), "version": CACHE_VERSION}
         atomic_write_bytes(path, safetensors_bytes({"embeddings": embeddings}, metadata=meta))
     return embeddings, False
+
+
+def read_cached_gallery(path: Path, images: int) -> torch.Tensor | None:
+    """A cache entry's embeddings, or None to encode again: absent, or unreadable (cut short by
+    a full disk or a partial copy: entries are written atomically), which is said; the new
+    embeddings then replace it."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_file(path)["embeddings"]
+    except (SafetensorError, OSError, KeyError) as e:
+        warn(f"gallery cache entry {path} is unreadable ({e}); encoding the gallery again")
+        return None
+    if cached.shape[0] != images:
+        warn(
+            f"gallery cache entry {path} holds {cached.shape[0]} embeddings for {images} images; "
+            "encoding the gallery again"
+        )
+        return None
+    return cached
 
 
 def score_matrix(model, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,9 @@ def map_at_k(
 ) -> dict[str, float]:
     """CIRCO's mAP@K (``"mAP@K"``), with AP@K = sum_{i<=K} P@i * rel_i / min(K, |GT|).
 
-    Duplicate ground-truth indices count once. An excluded ground truth still counts in |GT|, as
-    in CIRCO's reference code, which never ranks the reference.
+    Duplicate ground-truth indices count once. An excluded ground truth still counts in |GT|.
+    CIRCO's reference code ranks the whole gallery, the query's reference included (which is
+    never a ground truth: ranked high, it only takes a place); ``exclude`` removes it instead.
     """
     ks = _check_ks(ks)
     nq, ng = _check_scores(scores).shape

@@ -7,7 +7,8 @@ the community's reference code computes them (DESIGN.md, docs/evaluation.md):
   ``img_set.members`` minus the reference, and Avg = (R@5 + Rsubset@1) / 2.
 - FashionIQ: R@10 and R@50 per category; over the categories their averages and the mean of the
   two averages.
-- CIRCO: mAP@5/10/25/50 over all ground truths, plus R@1/5/10/50 on ``target_img_id``.
+- CIRCO: mAP@5/10/25/50 over all ground truths, plus R@5/10/25/50 on ``target_img_id`` (the
+  cut-offs of its evaluation server), ranking the whole gallery, reference included.
 - Shoes: R@1/10/50. Fashion200k: R@1/10/50 where a hit is any image with the target's caption.
 
 The choices the literature varies (reference exclusion, FashionIQ's caption join) are options
@@ -16,6 +17,7 @@ whose defaults are the community's; the values used are recorded with every resu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +43,8 @@ CAPTION_JOINS: dict[str, Callable[[CIRQuery], str]] = {
     "second": lambda q: single_caption(q.texts[1]),
 }
 DEFAULT_JOIN = "and"
+# CIRCO's evaluation server reports mAP@K and Recall@K at these K (miccunifi/CIRCO evaluation.py).
+CIRCO_KS = (5, 10, 25, 50)
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,24 @@ def apply_options(split: CIRSplit, options: Options) -> dict[str, object]:
         )
     return {
         "exclude_reference": split.exclude_reference,
+        "reference": reference_rule(split),
         "caption_join": options.caption_join if multi else "n/a (one caption per query)",
         "tie_break": f"random, seed {options.seed}",
     }
+
+
+def reference_rule(split: CIRSplit) -> str:
+    """How the query's reference is ranked, and whether that is the benchmark's own protocol."""
+    from csmcir.data.registry import spec
+
+    name = family(split.benchmark)
+    official = inspect.signature(spec(name).read).parameters["exclude_reference"].default
+    rule = "removed from its ranking" if split.exclude_reference else "ranked with the gallery"
+    if split.exclude_reference == official:
+        return f"{rule} ({name}'s protocol)"
+    flag = "yes" if split.exclude_reference else "no"
+    other = "ranks it" if not official else "removes it"
+    return f"{rule} by --exclude-reference {flag} (not {name}'s protocol, which {other})"
 
 
 @dataclass
@@ -183,8 +202,8 @@ def _fashioniq(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]
 
 def _circo(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:
     gts = [[p.index_of(t, q, "ground truth") for t in q.targets] for q in p.split.queries]
-    r = map_at_k(scores, gts, (5, 10, 25, 50), exclude=p.exclude, seed=seed)
-    return r | recall_at_k(scores, _main_targets(p), (1, 5, 10, 50), exclude=p.exclude, seed=seed)
+    r = map_at_k(scores, gts, CIRCO_KS, exclude=p.exclude, seed=seed)
+    return r | recall_at_k(scores, _main_targets(p), CIRCO_KS, exclude=p.exclude, seed=seed)
 
 
 def _shoes(scores: torch.Tensor, p: Prepared, seed: int) -> dict[str, float]:

@@ -3,9 +3,11 @@
 CIRR's server takes two JSON objects, ``{"version": "rc2", "metric": "recall", "<pairid>": [50
 image names], ...}`` and the same with ``"metric": "recall_subset"`` and 3 names from the query's
 subset, at most 5 MB each. CIRCO's takes ``{"<query id>": [50 unique image ids], ...}`` with the
-ids as integers, as in its README's example. Every writer re-reads what it wrote and checks it
-against the split (every query present, nothing extra, list lengths, no duplicates, no reference,
-size), so a file that would bounce at the server is an error here instead.
+ids as integers, as in its README's example; its server scores the list as it is, so a query's
+reference may be in it (the authors' own submissions rank the whole gallery). Every writer parses
+the exact text it is about to write and checks it against the split (every query present, nothing
+extra, list lengths, no duplicates, no reference for CIRR, size) before writing anything, so a
+file that would bounce at the server is an error here instead, and never lands on disk.
 """
 
 from __future__ import annotations
@@ -58,15 +60,15 @@ def write_cirr_submission(
     """Write and check CIRR's two files; ``recall_top[i]``/``subset_top[i]`` rank query i."""
     check_submission_split("cirr", split.split)
     keys = _keys(split, recall_top, subset_top)
-    paths = []
+    files = {}
     for metric, tops in (("recall", recall_top), ("recall_subset", subset_top)):
         obj: dict[str, Any] = {"version": CIRR_VERSION, "metric": metric}
         obj.update({key: list(top) for key, top in zip(keys, tops, strict=True)})
         path = Path(out_dir) / f"{metric}_submission_{name}.json"
-        atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
-        check_cirr_file(path, split, metric)
-        paths.append(path)
-    return paths
+        text = json.dumps(obj, separators=(",", ":"))
+        _check_cirr(path, _parse_unique_keys(text, path), split, metric, len(text.encode()))
+        files[path] = text
+    return [atomic_write_text(path, text) for path, text in files.items()]
 
 
 def write_circo_submission(
@@ -77,18 +79,20 @@ def write_circo_submission(
     keys = _keys(split, top)
     obj = {key: [_circo_id(image_id) for image_id in t] for key, t in zip(keys, top, strict=True)}
     path = Path(out_dir) / f"circo_{split.split}_submission_{name}.json"
-    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
-    check_circo_file(path, split)
-    return path
+    text = json.dumps(obj, separators=(",", ":"))
+    _check_circo(path, _parse_unique_keys(text, path), split)
+    return atomic_write_text(path, text)
 
 
 def check_cirr_file(path: str | Path, split: CIRSplit, metric: str) -> None:
     """Check a CIRR submission file against the split it claims to answer."""
     path = Path(path)
-    size = path.stat().st_size
+    _check_cirr(path, _read_unique_keys(path), split, metric, path.stat().st_size)
+
+
+def _check_cirr(path: Path, obj: dict, split: CIRSplit, metric: str, size: int) -> None:
     if size > CIRR_MAX_BYTES:
         raise DataError(f"{path}: {size:,} bytes, over the CIRR server's 5 MB limit")
-    obj = _read_unique_keys(path)
     where = f"CIRR submission {path}"
     if obj.get("version") != CIRR_VERSION:
         raise DataError(f"{where}: 'version' must be {CIRR_VERSION!r}, got {obj.get('version')!r}")
@@ -101,21 +105,27 @@ def check_cirr_file(path: str | Path, split: CIRSplit, metric: str) -> None:
     for key, names in answers.items():
         query = queries[key]
         allowed = set(query.subset or ()) if metric == "recall_subset" else gallery
-        _check_list(where, key, names, length, allowed, query.reference)
+        _check_list(where, key, names, length, allowed)
+        if query.reference in names:
+            raise DataError(
+                f"{where}: query {key}: lists its own reference image {query.reference!r}"
+            )
 
 
 def check_circo_file(path: str | Path, split: CIRSplit) -> None:
     """Check a CIRCO submission file against the split it claims to answer."""
     path = Path(path)
-    answers = _read_unique_keys(path)
+    _check_circo(path, _read_unique_keys(path), split)
+
+
+def _check_circo(path: Path, answers: dict, split: CIRSplit) -> None:
     where = f"CIRCO submission {path}"
-    queries = _check_keys(where, answers, split)
+    _check_keys(where, answers, split)
     gallery = set(split.gallery)
     for key, ids in answers.items():
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise DataError(f"{where}: query {key}: expected a list of integer image ids")
-        names = [str(i) for i in ids]
-        _check_list(where, key, names, CIRCO_TOP, gallery, queries[key].reference)
+        _check_list(where, key, [str(i) for i in ids], CIRCO_TOP, gallery)
 
 
 def _keys(split: CIRSplit, *rankings: Sequence[Sequence[str]]) -> list[str]:
@@ -144,9 +154,7 @@ def _check_keys(where: str, answers: dict, split: CIRSplit) -> dict[str, CIRQuer
     return queries
 
 
-def _check_list(
-    where: str, key: str, names: Any, length: int, allowed: set[str], reference: str
-) -> None:
+def _check_list(where: str, key: str, names: Any, length: int, allowed: set[str]) -> None:
     if not isinstance(names, list) or len(names) != length:
         got = len(names) if isinstance(names, list) else type(names).__name__
         raise DataError(f"{where}: query {key}: expected a list of {length} images, got {got}")
@@ -155,11 +163,14 @@ def _check_list(
     unknown = [n for n in names if n not in allowed]
     if unknown:
         raise DataError(f"{where}: query {key}: {unknown[0]!r} is not a candidate for this query")
-    if reference in names:
-        raise DataError(f"{where}: query {key}: lists its own reference image {reference!r}")
 
 
 def _read_unique_keys(path: Path) -> dict:
+    read_json(path, "submission file")  # names the position of a syntax error
+    return _parse_unique_keys(path.read_text(encoding="utf-8"), path)
+
+
+def _parse_unique_keys(text: str, path: Path) -> dict:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
@@ -167,8 +178,7 @@ def _read_unique_keys(path: Path) -> dict:
             raise DataError(f"{path}: key {dup!r} appears more than once")
         return dict(pairs)
 
-    read_json(path, "submission file")  # names the position of a syntax error
-    obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
+    obj = json.loads(text, object_pairs_hook=no_duplicates)
     if not isinstance(obj, dict):
         raise DataError(f"{path}: a submission is a JSON object, got {type(obj).__name__}")
     return obj

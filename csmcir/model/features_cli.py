@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.train.run_folder import model_folder
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +56,8 @@ def load_model(name: str, weights: Path | None, options: dict[str, Any] | None =
     from csmcir.model.registry import list_presets, load_preset
 
     options = options or {}
-    if Path(name).exists():  # a folder, or a file from_pretrained explains
-        return CSMCIR.from_pretrained(name, **options)
+    if Path(name).exists():  # a folder (or run folder), or a file from_pretrained explains
+        return CSMCIR.from_pretrained(model_folder(name), **options)
     if name in list_presets():
         if load_preset(name).weights is None:
             raise ConfigError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -94,6 +94,46 @@ def build_wordpiece_tokenizer(
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+    )
+
+
+def kept_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> list[str | None]:
+    """Per text: None when it fits in ``max_length`` tokens (special tokens included), else the
+    start of it that truncation keeps, i.e. what the model reads of it."""
+    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    return [
+        None if n <= max_length else _kept(tokenizer, text, max_length)
+        for text, n in zip(texts, lengths, strict=True)
+    ]
+
+
+def _kept(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> str:
+    enc = tokenizer(
+        text,
+        truncation=True,
+        max_length=max_length,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=tokenizer.is_fast,
+    )
+    if not tokenizer.is_fast:
+        return tokenizer.decode(enc["input_ids"], skip_special_tokens=True)
+    ends = [
+        end
+        for (_, end), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+        if not special
+    ]
+    return text[: ends[-1]] if ends else ""
+
+
+def describe_cut(text: str, kept: str, shown: int = 60) -> str:
+    """A user-facing sentence on where a text was cut: the last words the model read."""
+    tail = kept[-shown:].lstrip()
+    more = "..." if len(kept) > shown else ""
+    return (
+        f'the text is longer than the model reads: it was cut after "{more}{tail}" '
+        f"({len(kept):,} of its {len(text):,} characters read, the rest ignored)"
     )
 
 

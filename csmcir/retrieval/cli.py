@@ -1,7 +1,8 @@
 """``csmcir index build``: embed a gallery (with its captions) into a faiss index folder.
 
     csmcir index build --model checkpoints/synthcir-tiny --benchmark synthcir \\
-        --root datasets/synthcir --split test --captions caps.json --out runs/index/synth
+        --root datasets/synthcir --split test \\
+        --captions datasets/synthcir/mcot_captions.json --out runs/index/synth
     csmcir index build --model DIR --images photos/ --captions caps.json --kind hnsw --out idx/
 
 An index built with an untrained preset (``--model tiny``) keeps that model in ``INDEX/model``,
@@ -17,9 +18,9 @@ from csmcir.data.captions import load_captions
 from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.retrieval.index import KINDS, GalleryIndex
+from csmcir.train.run_folder import model_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MODEL_SUBDIR = "model"
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +31,11 @@ def main(argv: list[str]) -> int:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="embed a gallery into a faiss index")
-    build.add_argument("--model", required=True, help="exported model folder, or a preset (tiny)")
+    build.add_argument(
+        "--model",
+        required=True,
+        help="exported model folder, a training run folder (its model/), or a preset (tiny)",
+    )
     build.add_argument("--out", required=True, type=Path, help="index folder to write")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="a folder of images (ids = file stems)")
@@ -63,7 +68,8 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
     def corpus() -> list[str]:
         return texts + list((captions or {}).values())
 
-    model = load_model(args.model, corpus, seed=args.seed).to(pick_device(args.device))
+    spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
+    model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
     options = {
         "nlist": args.nlist,
         "nprobe": args.nprobe,
@@ -75,17 +81,15 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
         images,
         captions,
         kind=args.kind,
+        # an untrained preset has no folder: the index then keeps the model in INDEX/model
+        model_dir=spec if Path(spec).is_dir() else None,
         empty_captions=args.empty_captions,
         batch_size=args.batch_size,
         cache_dir=None if args.no_cache else args.cache_dir,
         **options,
     )
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():  # an untrained preset: keep it, or the index is unusable
-        model_dir = model.save_pretrained(args.out / MODEL_SUBDIR)
     index.meta |= {
         "model_source": args.model,
-        "model_dir": str(model_dir.resolve()),
         "source": str(args.images) if args.images else f"{args.benchmark} {args.split}",
         "captions": str(args.captions) if args.captions else None,
         "empty_captions": args.empty_captions,

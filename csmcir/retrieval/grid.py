@@ -16,6 +16,7 @@ TILE = 160
 PAD = 8
 LABEL = 40
 COLUMNS = 5
+ECHOED = 200  # characters of a query text repeated back in a status line or printout
 TARGET_COLOUR = (0, 170, 60)
 REFERENCE_COLOUR = (60, 90, 200)
 
@@ -66,7 +67,7 @@ def save_grid(
         _paste(canvas, image, x, y, TARGET_COLOUR if is_target else None)
         label = f"#{rank}  {item.score:.3f}" + ("  target" if is_target else "")
         draw.text((x, y + TILE + 3), label, fill=TARGET_COLOUR if is_target else "black", font=font)
-        draw.text((x, y + TILE + 19), _shorten(item.image_id, 22), fill=(90, 90, 90), font=font)
+        draw.text((x, y + TILE + 19), shorten(item.image_id, 22), fill=(90, 90, 90), font=font)
 
     return atomic_write(Path(path), lambda f: canvas.save(f, format="PNG"))
 
@@ -91,5 +92,6 @@ def _paste(
         draw.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=frame, width=5)
 
 
-def _shorten(text: str, n: int) -> str:
+def shorten(text: str, n: int) -> str:
+    """``text`` when it has at most ``n`` characters, else its first ``n - 1`` and "…"."""
     return text if len(text) <= n else text[: n - 1] + "…"

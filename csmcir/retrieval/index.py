@@ -10,7 +10,10 @@ are indexed as N*Q vectors. A search asks faiss for k*Q vectors and keeps each i
 vectors, so with the exact index this is exactly max-over-tokens scoring.
 
 On disk an index is a folder: ``index.faiss``, ``ids.json`` (image ids and paths, in index
-order) and ``meta.json`` (model fingerprint, build options, sizes).
+order) and ``meta.json`` (model fingerprint, build options, sizes, the folder of the model that
+built it, and ``image_root``: the folder relative image paths were given from). An index built
+from a model object (:meth:`GalleryIndex.build`) always records its model: the folder it was
+loaded from (``model_dir=``), or else a copy saved in ``INDEX/model``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from csmcir.io import atomic_write_bytes, atomic_write_json, read_json
 
 KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "meta.json"
+MODEL_SUBDIR = "model"  # where an index keeps the model that built it, when no folder holds it
 FORMAT_VERSION = 1
 
 
@@ -67,6 +71,8 @@ class GalleryIndex:
                 f"x {self.tokens} tokens: its files do not belong together"
             )
         self.positions = {image_id: i for i, image_id in enumerate(self.ids)}
+        self.model = None  # the model that built it (build()): saved with it if no folder has it
+        self.folder: Path | None = None  # where it was loaded from
 
     # building
 
@@ -78,12 +84,18 @@ class GalleryIndex:
         captions: Mapping[str, str] | None = None,
         *,
         kind: str = "flat",
+        model_dir: str | Path | None = None,
         empty_captions: bool = False,
         batch_size: int = 64,
         cache_dir: Path | None = None,
         **options,
     ) -> GalleryIndex:
-        """Embed ``images`` (paths, or id -> path; a path's id is its file stem) and index them."""
+        """Embed ``images`` (paths, or id -> path; a path's id is its file stem) and index them.
+
+        ``model_dir``: the folder ``model`` was loaded from, recorded so the index can be opened
+        with its model; without one, :meth:`save` saves the model into ``INDEX/model``.
+        Relative image paths are recorded as given, with the current folder as ``image_root``.
+        """
         from csmcir.evaluation.encode import encode_gallery, target_texts
 
         if isinstance(images, Mapping):
@@ -111,8 +123,13 @@ class GalleryIndex:
             batch_size=batch_size,
             fingerprint=fingerprint,
         )
-        extra = {"target_text": model.config.target_text, "captioned": texts is not None}
-        return cls.from_embeddings(
+        extra = {
+            "target_text": model.config.target_text,
+            "captioned": texts is not None,
+            "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
+            "image_root": str(Path.cwd().resolve()),
+        }
+        index = cls.from_embeddings(
             embeddings,
             ids,
             fingerprint=fingerprint,
@@ -121,6 +138,8 @@ class GalleryIndex:
             extra=extra,
             **options,
         )
+        index.model = model
+        return index
 
     @classmethod
     def from_embeddings(
@@ -216,6 +235,24 @@ class GalleryIndex:
                     break
         return out_s, out_i
 
+    def model_folder(self, given: str | Path | None = None) -> Path:
+        """``given`` (a --model flag), else the model folder the index recorded at build time;
+        an error saying what to pass when there is neither or the recorded folder is gone."""
+        if given is not None:
+            return Path(given)
+        recorded = self.meta.get("model_dir")
+        if not recorded:
+            raise ConfigError(
+                f"the index {self.folder or '(in memory)'} records no model folder (built by an "
+                "older csmcir, or from embeddings): pass --model, the folder it was built with"
+            )
+        if not Path(recorded).is_dir():
+            raise ConfigError(
+                f"the model folder recorded in the index ({recorded}) is gone: pass --model, "
+                "the folder it was built with"
+            )
+        return Path(recorded)
+
     def check_model(self, model, fingerprint: str | None = None) -> None:
         """Refuse a model other than the one that built the index: its scores would be noise."""
         fingerprint = fingerprint or model.fingerprint()
@@ -232,6 +269,9 @@ class GalleryIndex:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if not self.meta.get("model_dir") and self.model is not None:
+            kept = self.model.save_pretrained(folder / MODEL_SUBDIR)
+            self.meta["model_dir"] = str(kept.resolve())
         atomic_write_bytes(folder / INDEX_FILE, faiss.serialize_index(self.index).tobytes())
         atomic_write_json(folder / IDS_FILE, {"ids": self.ids, "paths": self.paths}, indent=None)
         atomic_write_json(folder / META_FILE, self.meta)
@@ -263,7 +303,8 @@ class GalleryIndex:
             faiss.extract_index_ivf(index).nprobe = opts["nprobe"]
         if "ef_search" in opts:
             index.hnsw.efSearch = opts["ef_search"]
-        gallery = cls(index, id_map["ids"], meta, id_map.get("paths"))
+        gallery = cls(index, id_map["ids"], meta, resolve_paths(id_map.get("paths"), meta))
+        gallery.folder = folder
         if model is not None:
             gallery.check_model(model)
         return gallery
@@ -278,6 +319,15 @@ class GalleryIndex:
         return (
             f"GalleryIndex({len(self.ids)} images, {self.meta['options']}, dim {self.meta['dim']})"
         )
+
+
+def resolve_paths(paths: Sequence[str | None] | None, meta: dict) -> list[str | None] | None:
+    """Image paths as recorded, relative ones joined to the folder they were given from (so an
+    index opened from another folder finds its images); older indexes: as recorded."""
+    root = meta.get("image_root")
+    if paths is None or not root:
+        return None if paths is None else list(paths)
+    return [p if p is None or Path(p).is_absolute() else str(Path(root) / p) for p in paths]
 
 
 def recall_against_exact(approx: Hits, exact: Hits) -> float:

@@ -3,7 +3,8 @@
     csmcir search --index runs/index/synth --ref query.png --text "make the cube red" -k 10
 
 Prints the top-k with scores and writes a PNG grid (reference, text, ranked results; the true
-target, given with --target, is outlined).
+target, given with --target, is outlined). Relative image paths of the index are found from the
+folder it was built in; results whose file is gone are named, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 import torch
 
 from csmcir.data.images import load_image
-from csmcir.errors import ConfigError, DataError
+from csmcir.data.layout import first_few
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation.encode import pick_device
-from csmcir.retrieval.grid import GridItem, save_grid
+from csmcir.model.tokenizer import describe_cut
+from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
+from csmcir.train.run_folder import model_folder
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +34,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ref", required=True, type=Path, help="the reference image")
     parser.add_argument("--text", required=True, help="the modification text")
     parser.add_argument("-k", type=int, default=10, help="results to show (default 10)")
-    parser.add_argument("--model", type=Path, help="model folder (default: the index's own)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model folder or training run folder (its model/); default: the index's own",
+    )
     parser.add_argument("--target", help="id of the true target, outlined in the grid")
     parser.add_argument("--grid", type=Path, help="PNG to write (default runs/search/<ref>.png)")
     parser.add_argument("--device", default="auto")
@@ -44,14 +52,12 @@ def main(argv: list[str]) -> int:
     index = GalleryIndex.load(args.index)
     from csmcir.model import CSMCIR
 
-    model_dir = args.model or Path(index.meta.get("model_dir", ""))
-    if not model_dir.is_dir():
-        raise ConfigError(
-            f"the index's model folder {model_dir} is gone: pass --model (the folder it was "
-            "built with)"
-        )
+    model_dir = index.model_folder(model_folder(args.model) if args.model else None)
     model = CSMCIR.from_pretrained(model_dir).to(pick_device(args.device)).eval()
     index.check_model(model)
+    (kept,) = model.truncated([args.text])
+    if kept is not None:
+        warn(f"--text: {describe_cut(args.text, kept)}")
     with torch.inference_mode():
         query = model.encode_query([args.text], pixel_values=model.preprocess([reference]))
     hits = index.search(query, args.k)
@@ -63,7 +69,7 @@ def main(argv: list[str]) -> int:
     if not items:
         raise DataError(f"the index {args.index} returned nothing for this query")
     width = max(len(i.image_id) for i in items)
-    print(f'query: {args.ref} + "{args.text}"')
+    print(f'query: {args.ref} + "{shorten(args.text, ECHOED)}"')
     for rank, item in enumerate(items, start=1):
         mark = "  <- target" if item.image_id == args.target else ""
         print(f"{rank:>3}  {item.score:8.4f}  {item.image_id:<{width}}  {item.path or ''}{mark}")
@@ -72,4 +78,13 @@ def main(argv: list[str]) -> int:
     grid = args.grid or Path("runs") / "search" / f"{args.ref.stem}.png"
     save_grid(grid, reference, args.text, items, target=args.target)
     print(f"grid: {grid}")
+    absent = [i for i in items if i.path is None or not Path(i.path).is_file()]
+    if absent:
+        root = index.meta.get("image_root", "the folder it was built from")
+        warn(
+            f"{len(absent)} of the {len(items)} results are not on disk, drawn as 'image not "
+            f"found' in the grid: {first_few(i.path or i.image_id for i in absent)}. The index "
+            f"found them relative to {root}; rebuild it with csmcir index build where they are"
+        )
+        return 1
     return 0

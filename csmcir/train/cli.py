@@ -8,26 +8,35 @@ of Lightning's defaults a run gets, under ``trainer.default_root_dir`` (default
 - ``last.ckpt`` (every ``--checkpoint_every`` steps and at each validation) and ``best.ckpt``
   (best ``val/score``), for resuming with ``--ckpt_path``;
 - ``model/`` and ``best/``: exported inference folders, written when fit ends;
-- ``logs/version_N/``: CSV and TensorBoard logs and the full config of the run.
+- ``logs/version_N/``: CSV and TensorBoard logs and the full config of the run (removed again
+  when the run fails before logging anything).
+
+A folder that holds an earlier run is refused unless ``--ckpt_path`` resumes it or
+``--overwrite true`` deletes its checkpoints and exported models first.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)`` unless ``--weights_only false``.
 """
 
 from __future__ import annotations
 
+import pickle
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import CheckpointIO
 
-from csmcir.errors import ConfigError
+from csmcir.errors import ConfigError, warn
 from csmcir.train.datamodule import CIRDataModule
-from csmcir.train.export import ExportModel
+from csmcir.train.export import ExportModel, NamedCheckpointIO, unreadable_checkpoint
 from csmcir.train.module import CSMCIRModule
+from csmcir.train.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
 from csmcir.train.validation import SCORE
 
 
@@ -40,6 +49,14 @@ class CSMCIRCLI(LightningCLI):
             help="write last.ckpt every N training steps as well as at validation (0: only then)",
         )
         parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start again in a run folder that holds an earlier run, deleting its "
+            "checkpoints and exported models first (its logs stay). Without it such a folder is "
+            "refused: resume it with --ckpt_path, or train into another folder",
+        )
+        parser.add_argument(
             "--threads",
             type=int | None,
             default=None,
@@ -47,8 +64,18 @@ class CSMCIRCLI(LightningCLI):
             "CPU, 1 avoids the thread contention that slows the tiny model several-fold",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path`` once while parsing (for its hyperparameters): a
+        file torch cannot read is named there, as :class:`NamedCheckpointIO` names it later."""
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise unreadable_checkpoint(path, e) from None
+
     def before_fit(self) -> None:
         self._prepare_run()
+        self._claim_run_dir()
 
     def before_validate(self) -> None:
         self._prepare_run()
@@ -61,6 +88,25 @@ class CSMCIRCLI(LightningCLI):
             if config["threads"] < 1:
                 raise ConfigError(f"--threads must be at least 1, got {config['threads']}")
             torch.set_num_threads(config["threads"])
+
+    def _claim_run_dir(self) -> None:
+        """A finished run is never overwritten silently: a new fit would replace its model/ and
+        last.ckpt and keep its best/ and best.ckpt, mixing two runs in one folder."""
+        config = self.config_init[self.subcommand]
+        root = self.run_dir()
+        found = earlier_run(root)
+        if not found or config.get("ckpt_path"):
+            return
+        names = ", ".join(p.name for p in found)
+        if not config.get("overwrite"):
+            raise ConfigError(
+                f"{root} holds an earlier run ({names}). Resume it with --ckpt_path "
+                f"{root / LAST_CKPT}, train into another folder with "
+                "--trainer.default_root_dir DIR, or pass --overwrite true to delete that run's "
+                "checkpoints and models and start again"
+            )
+        remove_outputs(found)
+        warn(f"--overwrite: deleted the earlier run's {names} in {root}")
 
     def run_dir(self) -> Path:
         config = self.config_init[self.subcommand]
@@ -98,13 +144,19 @@ class CSMCIRCLI(LightningCLI):
         root = self.run_dir()
         kwargs.setdefault("default_root_dir", str(root))
         logger = trainer_config.get("logger")
+        cleanup = None
         if logger is None or logger is True:
-            version = next_version(root / "logs")  # one folder for both loggers
+            version = next_version(root / LOGS)  # one folder for both loggers
             logger = [
-                CSVLogger(root, name="logs", version=version),
-                TensorBoardLogger(root, name="logs", version=version, default_hp_metric=False),
+                CSVLogger(root, name=LOGS, version=version),
+                TensorBoardLogger(root, name=LOGS, version=version, default_hp_metric=False),
             ]
             kwargs["logger"] = logger
+            cleanup = RemoveEmptyLogs(root / LOGS / version, root)
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, NamedCheckpointIO()]  # an unreadable --ckpt_path named
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         callbacks.append(ExportModel(root))
@@ -112,8 +164,28 @@ class CSMCIRCLI(LightningCLI):
             callbacks += self._checkpoints(root, config.get("checkpoint_every", 0))
         if logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if cleanup is not None:
+            callbacks.append(cleanup)
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+class RemoveEmptyLogs(L.Callback):
+    """A run that fails before it logged anything leaves no ``logs/version_N`` behind (nor the
+    ``logs/`` and run folders, when this run created them and they are left empty)."""
+
+    def __init__(self, log_dir: Path, root: Path) -> None:
+        self.log_dir = log_dir
+        self.made = [p for p in (root / LOGS, root) if not p.exists()]
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if not trainer.is_global_zero or trainer.global_step or trainer.logged_metrics:
+            return
+        # The loggers close their files after this hook; on Linux that is harmless.
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        for folder in self.made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def next_version(folder: Path) -> str:

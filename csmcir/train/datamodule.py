@@ -219,6 +219,17 @@ class CIRDataModule(L.LightningDataModule):
             raise RuntimeError("CIRDataModule.setup() has not run")
         return self.splits
 
+    def dropped(self) -> dict[str, dict[str, list[str]]]:
+        """What ``drop_missing`` dropped from each split read so far: the missing image ids and
+        the query ids that used them (for the run's ``training.json``)."""
+        loaded = self._loaded()
+        splits = [*loaded.train, *(split for _, split in loaded.val)]
+        return {
+            f"{s.benchmark}/{s.split}": {"images": s.dropped, "queries": s.dropped_queries}
+            for s in splits
+            if s.dropped
+        }
+
     def text_corpus(self) -> list[str]:
         """Training texts for building a tokenizer: modification texts and target captions."""
         train = self._load_train()
@@ -372,9 +383,18 @@ class CIRDataModule(L.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= trainer.num_training_batches:  # saved at the end of an epoch
             epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches, "seed": self.seed}
+        world = self._world()[0]
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": world,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the data order where the checkpoint stopped; refuse a run whose order would
+        differ (the seed, or the batch shape: the same position means other samples then)."""
         if not state:
             return
         if state["seed"] != self.seed:
@@ -382,4 +402,16 @@ class CIRDataModule(L.LightningDataModule):
                 f"the checkpoint's data seed is {state['seed']}, this run's is {self.seed}: "
                 "resume with the same seed_everything / --data.seed"
             )
+        # Checkpoints written before these were stored carry neither: nothing to compare.
+        for key, flag, ours in (
+            ("batch_size", "--data.batch_size", self.batch_size),
+            ("world_size", "--trainer.devices x --trainer.num_nodes (ranks)", self._world()[0]),
+        ):
+            if key in state and state[key] != ours:
+                raise ConfigError(
+                    f"the checkpoint was trained with {key} {state[key]}, this run has {ours}: "
+                    f"the data would not continue where it stopped (batch {state['batches']} of "
+                    f"epoch {state['epoch']} holds other samples). Resume with the same {flag}, "
+                    "or start a new run from its weights with --model.init_from RUN/model"
+                )
         self._resume = (state["epoch"], state["batches"])

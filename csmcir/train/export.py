@@ -10,16 +10,19 @@ where the weights came from.
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json
+from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL
 
 CHECKPOINT_KEY = "csmcir"
 RECORD_FILE = "training.json"
@@ -52,12 +55,43 @@ def model_from_entry(entry: dict[str, Any]):
         return from_config(entry["model_config"], folder)
 
 
-def model_from_checkpoint(path: str | Path):
-    """The trained model of a ``csmcir fit`` checkpoint, in eval mode on the CPU."""
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> DataError:
+    """The one message for a checkpoint torch cannot read: the file, torch's reason, the way out."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(
+        f"checkpoint {path} is unreadable ({reason}): it is cut short or corrupt (a full disk, an "
+        "interrupted copy). Resume from another checkpoint of the run (last.ckpt, best.ckpt), or "
+        "delete this one and start again"
+    )
+
+
+def read_checkpoint(path: str | Path, weights_only: bool | None = True) -> dict[str, Any]:
+    """``torch.load`` of a Lightning checkpoint on the CPU; a bad file is a DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise unreadable_checkpoint(path, e) from None
+
+
+class NamedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader, with an unreadable ``--ckpt_path`` named in the error."""
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise DataError(f"--ckpt_path: checkpoint not found: {path}") from None
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise unreadable_checkpoint(path, e) from None
+
+
+def model_from_checkpoint(path: str | Path):
+    """The trained model of a ``csmcir fit`` checkpoint, in eval mode on the CPU."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
     entry = checkpoint.get(CHECKPOINT_KEY)
     if entry is None:
         raise DataError(f"{path} was not written by csmcir fit: it holds no model config")
@@ -87,14 +121,17 @@ class ExportModel(L.Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # drop_missing: what training never saw, and which queries validation left out
+        dropped = trainer.datamodule.dropped()
         record = {
             "source": "end of fit",
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "val": metrics,
             "hyperparameters": dict(pl_module.hparams),
+            "dropped": dropped,
         }
-        export_model(pl_module.model, self.dirpath / "model", record)
+        export_model(pl_module.model, self.dirpath / FINAL_MODEL, record)
         for callback in trainer.checkpoint_callbacks:
             if (
                 isinstance(callback, ModelCheckpoint)
@@ -105,11 +142,12 @@ class ExportModel(L.Callback):
                 score = callback.best_model_score
                 export_model(
                     model_from_checkpoint(best),
-                    self.dirpath / "best",
+                    self.dirpath / BEST_MODEL,
                     {
                         "source": str(best),
                         "monitor": callback.monitor,
                         "score": None if score is None else float(score),
                         "hyperparameters": dict(pl_module.hparams),
+                        "dropped": dropped,
                     },
                 )

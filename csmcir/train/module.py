@@ -181,11 +181,13 @@ class CSMCIRModule(L.LightningModule):
     def _build_model(self, datamodule):
         from csmcir.model import CSMCIR
         from csmcir.model.registry import load_preset
+        from csmcir.train.run_folder import model_folder
 
         hp = self.hparams
         options = dict(hp.model_options or {})
         if hp.init_from is not None:
-            return CSMCIR.from_pretrained(hp.init_from, **options)
+            folder = model_folder(hp.init_from, "--model.init_from")
+            return CSMCIR.from_pretrained(folder, **options)
         preset = load_preset(hp.preset)
         corpus = datamodule.text_corpus() if preset.tokenizer == "wordpiece" else None
         return CSMCIR.from_preset(
