@@ -19,6 +19,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", required=True, help="a split name, or 'all' for every split")
     g.add_argument("--category", help="FashionIQ category (dress, shirt, toptee)")
     g.add_argument("--drop-missing", action="store_true", help="skip (and list) missing images")
+    g.add_argument(
+        "--train-targets-only",
+        action="store_true",
+        help="of the train split, caption only the images its queries target (all that "
+        "training reads); evaluation splits still get their whole gallery",
+    )
     g = p.add_argument_group("where and how")
     g.add_argument("--backend", choices=BACKENDS, required=True)
     g.add_argument("--out", type=Path, required=True, help="folder of JSONL caption shards")
@@ -118,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     options = {"category": args.category} if args.category else {}
     images, dropped = gallery_images(
-        args.benchmark, args.root, args.split, drop_missing=args.drop_missing, **options
+        args.benchmark,
+        args.root,
+        args.split,
+        drop_missing=args.drop_missing,
+        train_targets_only=args.train_targets_only,
+        **options,
     )
     if dropped:
         print(
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         todo = store.pending(ids, retry_failed=args.retry_failed)
         mine = sum(shard.owns(i) for i in ids)
         print(
-            f"{len(ids)} gallery images; shard {args.shard} holds {mine}, {mine - len(todo)} done, "
+            f"{len(ids)} images; shard {args.shard} holds {mine}, {mine - len(todo)} done, "
             f"{len(todo)} to caption with {backend.model} (prompt {spec.version})"
         )
         summary = run_captioning(

@@ -280,3 +280,16 @@ def test_single_split_plain_style_and_noise(synth, tmp_path, capsys):
     assert entry["levels"] == {}
     assert entry["prompt_version"] == "synthetic/plain-r1/none/w25"
     assert entry["model"] == "oracle(noise=0.2,seed=0)"
+
+
+def test_train_targets_only_captions_what_training_and_evaluation_read(synth, tmp_path):
+    out, merged = tmp_path / "needed", tmp_path / "needed.json"
+    args = ["--benchmark", "synthcir", "--root", synth, "--split", "all", "--backend", "oracle"]
+    assert caption("run", *args, "--out", out, "--train-targets-only") == 0
+    assert caption("merge", out, "--out", merged) == 0
+    train = load_split("synthcir", synth, "train")
+    targets = {q.target for q in train.queries}
+    wanted = targets | set(load_split("synthcir", synth, "val").gallery)
+    wanted |= set(load_split("synthcir", synth, "test").gallery)
+    assert set(load_captions(merged)) == wanted
+    assert len(targets) < len(train.gallery)  # references and distractors are left out
