@@ -89,6 +89,29 @@ def test_sampler_resume_skips_consumed_samples_once():
     assert list(resumed) == full
 
 
+def test_grouped_sampler_keeps_groups_together_and_shuffles_them_per_epoch():
+    groups = ["a", "b", "a", "c", "b", "c", "d", "d", "e", "e"]
+    sampler = EpochShuffleSampler(range(10), seed=0, groups=groups)
+    order = [i for i, _ in sampler]
+    assert sorted(order) == list(range(10))
+    keys = [groups[i] for i in order]
+    assert all(keys[j] == keys[j + 1] for j in range(0, 10, 2))  # pairs stay adjacent
+    sampler.set_epoch(1)
+    again = [i for i, _ in sampler]
+    assert again != order and [groups[i] for i in again][::2] != keys[::2]
+    # Sharded: each rank takes every other sample, and together they cover the data once.
+    ranks = [
+        [
+            i
+            for i, _ in EpochShuffleSampler(
+                range(10), seed=0, groups=groups, num_replicas=2, rank=r
+            )
+        ]
+        for r in (0, 1)
+    ]
+    assert sorted(ranks[0] + ranks[1]) == list(range(10)) and ranks[0] == order[0::2]
+
+
 def test_sample_rng_depends_only_on_seed_epoch_index():
     draw = [sample_rng(0, 1, 2).random() for _ in range(2)]
     assert draw[0] == draw[1]

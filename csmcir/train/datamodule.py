@@ -109,6 +109,8 @@ class CIRDataModule(L.LightningDataModule):
         drop_missing: drop queries whose images are missing instead of stopping (they are
             counted and listed on the split).
         seed: data-order seed; default the ``seed_everything`` seed.
+        group_by_reference: batch the queries of one reference image together, so each one's
+            siblings (same image, another modification) are in-batch hard negatives.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class CIRDataModule(L.LightningDataModule):
         categories: list[str] | None = None,
         drop_missing: bool = False,
         seed: int | None = None,
+        group_by_reference: bool = False,
     ) -> None:
         super().__init__()
         if benchmark not in PLANS:
@@ -152,6 +155,7 @@ class CIRDataModule(L.LightningDataModule):
                 "categories": categories,
                 "drop_missing": drop_missing,
                 "seed": seed,
+                "group_by_reference": group_by_reference,
             }
         )
         self.benchmark = benchmark
@@ -163,6 +167,7 @@ class CIRDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.features = Path(features) if features is not None else None
         self.drop_missing = drop_missing
+        self.group_by_reference = group_by_reference
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         from csmcir.data.fashioniq import CATEGORIES
 
@@ -330,7 +335,12 @@ class CIRDataModule(L.LightningDataModule):
                 f"--data.batch_size {self.batch_size} x {world} rank(s) exceeds the "
                 f"{len(dataset)} training queries of {self.benchmark}"
             )
-        sampler = EpochShuffleSampler(dataset, seed=self.seed, num_replicas=world, rank=rank)
+        groups = None
+        if self.group_by_reference:
+            groups = [item.query.reference for item in dataset.items]
+        sampler = EpochShuffleSampler(
+            dataset, seed=self.seed, num_replicas=world, rank=rank, groups=groups
+        )
         if self._resume is not None:
             epoch, batches = self._resume
             sampler.resume(epoch, batches * self.batch_size)

@@ -9,12 +9,17 @@ and continues with exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Hashable, Iterator, Sequence, Sized
 
+import torch
 from torch.utils.data import DistributedSampler
 
 
 class EpochShuffleSampler(DistributedSampler):
+    """``groups`` (a group key per sample, e.g. its reference image) shuffles whole groups and
+    keeps each group's samples next to each other, so they share a batch: queries on the same
+    reference then serve as each other's hard negatives."""
+
     def __init__(
         self,
         dataset: Sized,
@@ -23,6 +28,7 @@ class EpochShuffleSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         shuffle: bool = True,
+        groups: Sequence[Hashable] | None = None,
     ) -> None:
         # drop_last: every rank gets the same number of samples, so all_gather sees equal shapes.
         super().__init__(
@@ -35,14 +41,27 @@ class EpochShuffleSampler(DistributedSampler):
         )
         self._skip_epoch: int | None = None
         self._skip = 0
+        self._groups: list[list[int]] | None = None
+        if groups is not None:
+            members: dict[Hashable, list[int]] = {}
+            for index, key in enumerate(groups):
+                members.setdefault(key, []).append(index)
+            self._groups = list(members.values())
 
     def resume(self, epoch: int, skip: int) -> None:
         """Start at ``epoch`` and leave out its first ``skip`` samples of this rank (once)."""
         self.set_epoch(epoch)
         self._skip_epoch, self._skip = epoch, skip
 
+    def _grouped(self) -> list[int]:
+        """DistributedSampler's order and sharding, with groups shuffled instead of samples."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self._groups), generator=generator).tolist()
+        indices = [i for g in order for i in self._groups[g]][: self.total_size]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        indices = list(super().__iter__())
+        indices = self._grouped() if self._groups is not None else list(super().__iter__())
         if self._skip_epoch == self.epoch:
             indices = indices[self._skip :]
             self._skip_epoch, self._skip = None, 0
