@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from csmcir.errors import ConfigError
+from csmcir.io import atomic_write_json
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECORD = "quickstart.json"  # in the run folder: the settings its model was trained with
@@ -116,28 +117,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stages.run("synthetic benchmark", lambda: make_data(root, args))
     stages.run("MCoT captions (oracle)", lambda: make_captions(root, captions_file))
     model_dir = stages.run("training the tiny preset", lambda: train(args, captions_file))
-    table = stages.run("evaluation on the test split", lambda: evaluate(args, model_dir))
+    evaluated = stages.run("evaluation on the test split", lambda: evaluate(args, model_dir))
     index_dir = stages.run("faiss index of the test gallery", lambda: build_index(args, model_dir))
-    grid = stages.run(
-        "example search", lambda: example_search(args, model_dir, index_dir, pictures)
+    grids = stages.run(
+        "example searches",
+        lambda: example_searches(args, model_dir, index_dir, evaluated, pictures),
     )
     plot = stages.run("embedding plot", lambda: embedding_plot(args, model_dir, pictures))
 
+    from csmcir.evaluation.cli import format_by_type
+
+    table = evaluated["table"]
     print("\nSynthetic test split (recall in %; the reference is excluded from its ranking):")
     print(format_table(table))
+    print(
+        "(text-blind: the best ranking that ignores the text, the same for every query of a "
+        "reference;\n oracle: reads scenes.json and the text's words, docs/synthcir.md)"
+    )
+    print("\nThe trained model by modification type (change:<attribute>: what a change edits):")
+    print(format_by_type(evaluated["by_type"], columns=("R@1", "R@10", "Rsubset@1", "Avg")))
+    summary = {"table": table, "by_type": evaluated["by_type"], "stages": stages.times}
+    atomic_write_json(pictures / "summary.json", summary)
     print(f"\nquickstart finished in {stages.elapsed / 60:.1f} min. It wrote:")
     for label, path in (
         ("benchmark", root),
         ("captions", captions_file),
         ("trained model", model_dir),
         ("index", index_dir),
-        ("retrieval grid", grid),
+        ("retrieval grids", pictures / "retrieval_*.png"),
+        ("summary", pictures / "summary.json"),
         ("embedding plot", plot),
         ("training logs", run_dir / "logs"),
     ):
         print(f"  {label:<15} {path}")
     print(f"\nTry the model in a browser:  csmcir demo --index {index_dir}")
-    return {"table": table, "seconds": stages.elapsed, "stages": stages.times, "model": model_dir}
+    return {**summary, "grids": grids, "seconds": stages.elapsed, "model": model_dir}
 
 
 def data_config(args: argparse.Namespace):
@@ -202,6 +216,7 @@ def make_captions(root: Path, captions_file: Path) -> tuple[Path, str]:
 
     shards = root / "mcot_captions_shards"
     common = ["--benchmark", "synthcir", "--root", str(root), "--split", "all"]
+    common.append("--train-targets-only")  # training reads the captions of its targets only
     try:
         caption_main(["run", *common, "--backend", "oracle", "--out", str(shards)])
     except ConfigError as e:  # captions of another prompt version or image set: its advice
@@ -278,26 +293,43 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
     return model_dir, f"{steps} steps ({how}exported to {model_dir})"
 
 
-def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, dict], str]:
+def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any], str]:
+    """Overall and per-type recall of the trained model, beside the rows that frame them:
+    the untrained model, chance, the best any text-blind ranking can do, and the oracle."""
     from csmcir.data.captions import load_captions
     from csmcir.data.registry import load_split
-    from csmcir.evaluation.runner import evaluate as evaluate_model
+    from csmcir.data.synth_truth import load_scenes, oracle_scores
+    from csmcir.evaluation.bounds import text_blind_scores
+    from csmcir.evaluation.protocols import by_type, compute
+    from csmcir.evaluation.runner import score_split
     from csmcir.model import CSMCIR
 
     split = load_split("synthcir", args.root, "test")
-    captions = load_captions(args.root / "mcot_captions.json")
+    captions = load_captions(args.root / CAPTIONS)
     trained = CSMCIR.from_pretrained(model_dir).to(args.device).eval()
     # The untrained baseline: same architecture and tokenizer, fresh random weights.
     torch.manual_seed(args.seed)
     untrained = CSMCIR(trained.config, trained.tokenizer).to(args.device).eval()
+    scored = score_split(trained, split, captions, cache_dir=gallery_cache(args))
+    prepared = scored.prepared
+    blank = score_split(untrained, split, captions, cache_dir=None)
     table = {
-        "trained": evaluate_model(trained, split, captions, cache_dir=None),
-        "untrained": evaluate_model(untrained, split, captions, cache_dir=None),
+        "trained": compute(scored.scores, prepared),
+        "untrained": compute(blank.scores, prepared),
         "chance": chance(split),
+        "text-blind": compute(text_blind_scores(prepared), prepared),
+        "oracle": compute(oracle_scores(split, load_scenes(args.root)), prepared),
     }
     r = table["trained"]
     summary = f"R@1 {r['R@1']:.1f}, R@10 {r['R@10']:.1f}, Rsubset@1 {r['Rsubset@1']:.1f}"
-    return table, summary + f" over {len(split.queries)} queries, {len(split.gallery)} images"
+    result = {"table": table, "by_type": by_type(scored.scores, prepared), "scores": scored}
+    return result, summary + f" over {len(split.queries)} queries, {len(split.gallery)} images"
+
+
+def gallery_cache(args: argparse.Namespace) -> Path:
+    """The trained model's gallery embeddings, kept in the run folder so that building the
+    index reads them instead of encoding the gallery again."""
+    return args.run_dir / "gallery_cache"
 
 
 def chance(split) -> dict[str, float]:
@@ -312,10 +344,10 @@ def chance(split) -> dict[str, float]:
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    head = f"{'model':<10}" + "".join(f"{c:>11}" for c in METRIC_COLUMNS)
+    head = f"{'ranking':<12}" + "".join(f"{c:>11}" for c in METRIC_COLUMNS)
     rows = [head, "-" * len(head)]
     for name, metrics in table.items():
-        rows.append(f"{name:<10}" + "".join(f"{metrics[c]:>11.1f}" for c in METRIC_COLUMNS))
+        rows.append(f"{name:<12}" + "".join(f"{metrics[c]:>11.1f}" for c in METRIC_COLUMNS))
     return "\n".join(rows)
 
 
@@ -326,35 +358,62 @@ def build_index(args: argparse.Namespace, model_dir: Path) -> tuple[Path, str]:
 
     out = args.run_dir / "index"
     common = ["--benchmark", "synthcir", "--root", str(args.root), "--split", "test"]
-    captions = ["--captions", str(args.root / CAPTIONS), "--no-cache", "--device", str(args.device)]
-    index_main(["build", "--model", str(model_dir), *common, *captions, "--out", str(out)])
+    captions = ["--captions", str(args.root / CAPTIONS), "--device", str(args.device)]
+    cache = ["--cache-dir", str(gallery_cache(args))]  # the evaluation's gallery embeddings
+    index_main(["build", "--model", str(model_dir), *common, *captions, *cache, "--out", str(out)])
     return out, f"{len(GalleryIndex.load(out)):,} images, exact inner product, saved to {out}"
 
 
-def example_search(
-    args: argparse.Namespace, model_dir: Path, index_dir: Path, pictures: Path
-) -> tuple[Path, str]:
+MOD_TYPES = ("add", "remove", "change", "move")
+
+
+def example_searches(
+    args: argparse.Namespace, model_dir: Path, index_dir: Path, evaluated: dict, pictures: Path
+) -> tuple[list[Path], str]:
+    """A retrieval grid for one query of each modification type, and one for a query whose
+    target the model does not rank first (a miss shows what it confuses), searched in the
+    faiss index as ``csmcir search`` would."""
     from csmcir.data.images import load_image
-    from csmcir.data.registry import load_split
     from csmcir.model import CSMCIR
     from csmcir.retrieval.grid import GridItem, save_grid
     from csmcir.retrieval.index import GalleryIndex
 
-    split = load_split("synthcir", args.root, "test")
-    query = random.Random(args.seed).choice(split.queries)
+    scored = evaluated["scores"]
+    split = scored.prepared.split
+    rng = random.Random(args.seed)
+    picks = {
+        kind: rng.choice([q for q in split.queries if q.extra["mod_type"] == kind])
+        for kind in MOD_TYPES
+    }
     model = CSMCIR.from_pretrained(model_dir).to(args.device).eval()
     index = GalleryIndex.load(index_dir, model)
-    reference = load_image(split.image_path(query.reference))
-    text = split.eval_text(query)
-    q = model.encode_query([text], pixel_values=model.preprocess([reference]))
-    hits = index.search(q.detach(), k=11)
-    ranked = [(i, s) for i, s in zip(hits.ids[0], hits.scores[0], strict=False)]
-    ranked = [(i, s) for i, s in ranked if i != query.reference][:10]  # CIRR protocol
-    items = [GridItem(i, index.path_of(i), float(s)) for i, s in ranked]
-    path = save_grid(pictures / "retrieval_grid.png", reference, text, items, target=query.target)
-    rank = next((r for r, (i, _) in enumerate(ranked, 1) if i == query.target), None)
-    found = f"target at rank {rank}" if rank else "target not in the top 10"
-    return path, f'"{text}": {found}; grid in {path}'
+    paths, said = [], []
+    for name, query in [*picks.items(), ("miss", first_miss(scored, rng))]:
+        if query is None:
+            continue
+        reference = load_image(split.image_path(query.reference))
+        text = split.eval_text(query)
+        q = model.encode_query([text], pixel_values=model.preprocess([reference]))
+        hits = index.search(q.detach(), k=11)
+        ranked = [(i, s) for i, s in zip(hits.ids[0], hits.scores[0], strict=False)]
+        ranked = [(i, s) for i, s in ranked if i != query.reference][:10]  # CIRR protocol
+        items = [GridItem(i, index.path_of(i), float(s)) for i, s in ranked]
+        grid = pictures / f"retrieval_{name}.png"
+        paths.append(save_grid(grid, reference, text, items, target=query.target))
+        rank = next((r for r, (i, _) in enumerate(ranked, 1) if i == query.target), None)
+        said.append(f"{name} {rank}" if rank else f"{name} >10")
+    return paths, f"target ranks: {', '.join(said)}; grids in {pictures}"
+
+
+def first_miss(scored, rng: random.Random):
+    """A query (in a seeded order) whose target is not ranked first, or None."""
+    from csmcir.evaluation.metrics import target_ranks
+
+    prepared = scored.prepared
+    targets = [prepared.gallery_index[q.target] for q in prepared.split.queries]
+    ranks = target_ranks(scored.scores, targets, exclude=prepared.exclude)
+    missed = [q for q, r in zip(prepared.split.queries, ranks.tolist(), strict=True) if r > 1]
+    return rng.choice(missed) if missed else None
 
 
 def embedding_plot(args: argparse.Namespace, model_dir: Path, pictures: Path) -> tuple[Path, str]:

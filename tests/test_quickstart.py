@@ -133,11 +133,19 @@ def test_quickstart_small(tmp_path, capsys, monkeypatch):
     for stage in range(1, 8):
         assert f"[{stage}/7]" in out
     table = out.split("Synthetic test split")[1]
-    rows = [line.split()[0] for line in table.splitlines()[3:6]]
-    assert rows == ["trained", "untrained", "chance"]
-    grid = run_dir / "quickstart" / "retrieval_grid.png"
-    plot = run_dir / "quickstart" / "embeddings.png"
-    with Image.open(grid) as g, Image.open(plot) as p:
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:8]}
+    assert list(rows) == ["trained", "untrained", "chance", "text-blind", "oracle"]
+    assert rows["oracle"] == ["100.0"] * 8  # every text read right finds every target
+    assert float(rows["text-blind"][0]) <= 50.0  # two queries per reference, one ranking
+    by_type = out.split("by modification type")[1]
+    assert all(f"\n{kind} " in by_type for kind in ("add", "remove", "change", "move"))
+    pictures = run_dir / "quickstart"
+    grids = sorted(p.name for p in pictures.glob("retrieval_*.png"))
+    assert {f"retrieval_{k}.png" for k in ("add", "remove", "change", "move")} <= set(grids)
+    with (
+        Image.open(pictures / "retrieval_move.png") as g,
+        Image.open(pictures / "embeddings.png") as p,
+    ):
         g.load()
         p.load()
         assert g.width > 400 and p.size == (500, 560)
