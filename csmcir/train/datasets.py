@@ -1,9 +1,13 @@
 """Torch datasets over CIRSplits: training triplets, validation gallery+queries, and their images.
 
-Images reach the model through an :class:`ImageSource`: decoded and preprocessed on each access
+A sample names its images by id; the dataset's :meth:`~BatchedImages.collate` reads a whole
+batch's images at once from an :class:`ImageSource`: decoded and preprocessed on each access
 (big benchmarks, with DataLoader workers), once into memory (the synthetic benchmark: a few
 thousand 64 px PNGs, so every epoch after the first costs no decoding at all), or as frozen-ViT
-features from the model's feature cache (:class:`CachedFeatures`). ``model_input`` names the
+features from the model's feature cache (:class:`CachedFeatures`), float16 rows copied from the
+shards straight into the batch tensor. In a DataLoader worker that tensor is allocated in shared
+memory, so handing it to the training process copies nothing; with ``pin_memory`` the loader's
+pinning thread then stages it for an asynchronous copy to the GPU. ``model_input`` names the
 keyword of ``encode_query``/``encode_target`` that the source's tensors feed.
 
 Randomness in a sample (FashionIQ's choice among its caption forms) comes from a generator
@@ -14,7 +18,7 @@ any worker, after a resume, on any number of ranks.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from tqdm import tqdm
 
 from csmcir.data.images import load_image
@@ -35,22 +39,38 @@ Preprocess = Callable[[Image.Image], Tensor]
 GALLERY, QUERY = 0, 1
 
 
+def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An empty batch tensor; in a DataLoader worker, in shared memory (as torch's own collate
+    does), so sending it to the training process needs no copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(torch.Size(shape).numel())
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 class ImageSource:
     """Image id -> preprocessed pixel tensor ``[3, H, W]``, decoding the file on each access."""
 
     model_input = "pixel_values"
 
-    def __init__(self, paths: dict[str, Path], preprocess: Preprocess) -> None:
-        self.paths: dict[str, Path] = {}
+    def __init__(self, paths: dict[Hashable, Path], preprocess: Preprocess) -> None:
+        self.paths: dict[Hashable, Path] = {}
         self.preprocess = preprocess
         self.add(paths)
 
-    def add(self, paths: dict[str, Path]) -> None:
+    def add(self, paths: dict[Hashable, Path]) -> None:
         """Make more images available (the training split's after the validation split's)."""
         self.paths.update(paths)
 
-    def __getitem__(self, image_id: str) -> Tensor:
+    def __getitem__(self, image_id: Hashable) -> Tensor:
         return self.preprocess(load_image(self.paths[image_id]))
+
+    def batch(self, image_ids: Sequence[Hashable]) -> Tensor:
+        """``[B, 3, H, W]`` pixels of ``image_ids``, stacked into one batch tensor."""
+        items = [self[i] for i in image_ids]
+        out = batch_tensor((len(items), *items[0].shape), items[0].dtype)
+        return torch.stack(items, out=out)
 
 
 class InMemoryImages(ImageSource):
@@ -72,7 +92,7 @@ class InMemoryImages(ImageSource):
 
 
 class CachedFeatures:
-    """Image id -> frozen-ViT features ``[patches, hidden]`` read from a feature cache."""
+    """Image ids -> float16 frozen-ViT features ``[B, patches, hidden]`` from a feature cache."""
 
     model_input = "vision_features"
 
@@ -81,17 +101,29 @@ class CachedFeatures:
         self.add(paths)
 
     def add(self, paths: dict[str, Path]) -> None:
-        missing = self.cache.missing(list(paths))
-        if missing:
-            self.cache.get(missing[:5])  # the cache's own error: which ids, and the extract command
+        self.cache.require(list(paths))
 
-    def __getitem__(self, image_id: str) -> Tensor:
-        return self.cache.get([image_id])[0]
+    def batch(self, image_ids: Sequence[str]) -> Tensor:
+        shape = (len(image_ids), *self.cache.feature_shape)
+        return self.cache.get(image_ids, out=batch_tensor(shape, torch.float16))
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """A generator that depends only on (seed, epoch, index); str seeds hash the same everywhere."""
     return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class BatchedImages:
+    """A dataset whose samples name images by id in ``image_fields``: :meth:`collate` (the
+    DataLoader's ``collate_fn``) turns each field into one batch tensor from ``images``."""
+
+    images: ImageSource | CachedFeatures
+    image_fields: tuple[str, ...]
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        images = {f: self.images.batch([s[f] for s in samples]) for f in self.image_fields}
+        rest = [{k: v for k, v in s.items() if k not in images} for s in samples]
+        return {**collate(rest), **images}
 
 
 @dataclass(frozen=True)
@@ -100,12 +132,14 @@ class TrainItem:
     query: CIRQuery
 
 
-class TrainTriplets(Dataset):
+class TrainTriplets(BatchedImages, Dataset):
     """(reference image, modification text, target image, target caption) per training query.
 
     ``image_keys`` numbers every image id of the union of splits: batches carry these integers
     so that equal targets can be found across DDP ranks (strings cannot be all-gathered).
     """
+
+    image_fields = ("reference_image", "target_image")
 
     def __init__(
         self,
@@ -132,21 +166,23 @@ class TrainTriplets(Dataset):
         item = self.items[index]
         query, target = item.query, item.query.target
         return {
-            "reference_image": self.images[query.reference],
+            "reference_image": query.reference,
             "text": item.split.train_text(query, sample_rng(self.seed, epoch, index)),
-            "target_image": self.images[target],
+            "target_image": target,
             "target_caption": self.captions[target] if self.captions is not None else None,
             "reference_key": self.image_keys[query.reference],
             "target_key": self.image_keys[target],
         }
 
 
-class ValidationItems(Dataset):
+class ValidationItems(BatchedImages, Dataset):
     """A validation split as one sequence: its gallery targets first, then its queries.
 
     Encoding the gallery once and then the queries is the evaluation protocol; a single dataset
     lets one Lightning validation loader (with its progress bar) do both in order.
     """
+
+    image_fields = ("image",)
 
     def __init__(
         self, split: CIRSplit, images: ImageSource | CachedFeatures, captions: dict[str, str] | None
@@ -166,7 +202,7 @@ class ValidationItems(Dataset):
             return {
                 "kind": GALLERY,
                 "position": index,
-                "image": self.images[image_id],
+                "image": image_id,
                 "text": caption,
             }
         position = index - n_gallery
@@ -174,7 +210,7 @@ class ValidationItems(Dataset):
         return {
             "kind": QUERY,
             "position": position,
-            "image": self.images[query.reference],
+            "image": query.reference,
             "text": self.split.eval_text(query),
         }
 
