@@ -18,7 +18,7 @@ from csmcir.evaluation.runner import score_split
 from csmcir.model import CSMCIR
 from csmcir.model.features import FeatureCache, _runs, extract_features
 from csmcir.train.datamodule import CIRDataModule
-from csmcir.train.datasets import CachedFeatures
+from csmcir.train.datasets import BatchBuffers, CachedFeatures
 from csmcir.train.module import CSMCIRModule, adamw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +63,29 @@ def test_runs_cover_every_row_once_in_file_order() -> None:
     rows = [(0, 5), (0, 6), (0, 7), (1, 0), (0, 2), (0, 3), (1, 4), (1, 4)]
     assert _runs(rows) == [(0, 2, 4, 2), (0, 5, 0, 3), (1, 0, 3, 1), (1, 4, 6, 1), (1, 4, 7, 1)]
     assert _runs([]) == []
+
+
+def test_batch_buffers_are_reused_only_when_nothing_holds_them() -> None:
+    pool = BatchBuffers(keep=2)
+    first = pool.take((2, 3), torch.float16)
+    address = first.data_ptr()
+    second = pool.take((2, 3), torch.float16)
+    assert second.data_ptr() != address  # the first is still held
+    del first
+    again = pool.take((2, 3), torch.float16)
+    assert again.data_ptr() == address  # released: the same memory again
+    view = again[1:]  # a view of it holds it as well
+    del again
+    assert pool.take((2, 3), torch.float16).data_ptr() != address
+    array = view.numpy()  # and so does an array
+    del view
+    assert pool.take((2, 3), torch.float16).data_ptr() != address
+    del array
+    assert pool.take((2, 3), torch.float16).data_ptr() == address
+    assert pool.take((4, 3), torch.float16).shape == (4, 3)
+    held = [pool.take((2, 3), torch.float16) for _ in range(4)]  # beyond keep: fresh ones
+    assert len({t.data_ptr() for t in held}) == 4 and len(pool.pool[(2, 3), torch.float16]) == 2
+    assert pickle.loads(pickle.dumps(pool)).pool == {}  # a spawned worker gets no buffers
 
 
 def test_batches_are_float16_rows_equal_to_the_old_paths(synthcir, captions, frozen) -> None:

@@ -5,10 +5,11 @@ batch's images at once from an :class:`ImageSource`: decoded and preprocessed on
 (big benchmarks, with DataLoader workers), once into memory (the synthetic benchmark: a few
 thousand 64 px PNGs, so every epoch after the first costs no decoding at all), or as frozen-ViT
 features from the model's feature cache (:class:`CachedFeatures`), float16 rows copied from the
-shards straight into the batch tensor. In a DataLoader worker that tensor is allocated in shared
-memory, so handing it to the training process copies nothing; with ``pin_memory`` the loader's
-pinning thread then stages it for an asynchronous copy to the GPU. ``model_input`` names the
-keyword of ``encode_query``/``encode_target`` that the source's tensors feed.
+shards straight into the batch tensor. That tensor is a reused one in the training process and
+shared memory in a DataLoader worker (:class:`BatchBuffers`), so handing it to the training
+process copies nothing; with ``pin_memory`` the loader's pinning thread then stages it for an
+asynchronous copy to the GPU. ``model_input`` names the keyword of
+``encode_query``/``encode_target`` that the source's tensors feed.
 
 Randomness in a sample (FashionIQ's choice among its caption forms) comes from a generator
 seeded with ``(seed, epoch, index)``: the same sample in the same epoch gets the same text, in
@@ -17,6 +18,7 @@ any worker, after a resume, on any number of ranks.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -39,14 +41,46 @@ Preprocess = Callable[[Image.Image], Tensor]
 GALLERY, QUERY = 0, 1
 
 
-def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """An empty batch tensor; in a DataLoader worker, in shared memory (as torch's own collate
-    does), so sending it to the training process needs no copy."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = int(torch.Size(shape).numel())
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+class BatchBuffers:
+    """Batch tensors to fill: reused ones in the training process, shared memory in a worker.
+
+    A fresh tensor of a batch's size is fresh pages from the kernel, which fault and are zeroed
+    on the first write: on the benchmark machine that cost twice the copy of the features
+    itself (BENCHMARKS.md, ``feature_loader``). So in the training process a buffer is handed
+    out again once its storage's reference count says that no tensor, view or array but the
+    pool's own holds it: a batch the training step (or a prefetching loader) still reads is never
+    overwritten. At most ``keep`` buffers are kept per shape and dtype; beyond that a fresh
+    tensor is made. In a DataLoader worker the tensor is made in shared memory instead (as
+    torch's own collate does), so sending it to the training process copies nothing; the
+    training process may hold it for any time, so it is never reused.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.pool: dict[tuple[tuple[int, ...], torch.dtype], list[Tensor]] = {}
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        shape = tuple(shape)
+        if get_worker_info() is not None:
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+            return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        buffers = self.pool.setdefault((shape, dtype), [])
+        buffer = next((b for b in buffers if _unshared(b)), None)
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=dtype)
+            if len(buffers) < self.keep:
+                buffers.append(buffer)
+        # a view: a tensor of its own whose storage reference the count above sees
+        return buffer.view(shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled empty (DataLoader workers under spawn): the buffers stay here."""
+        return {"keep": self.keep, "pool": {}}
+
+
+def _unshared(tensor: Tensor) -> bool:
+    # 2: the pool's tensor, and the storage object this call makes
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
 
 
 class ImageSource:
@@ -57,6 +91,7 @@ class ImageSource:
     def __init__(self, paths: dict[Hashable, Path], preprocess: Preprocess) -> None:
         self.paths: dict[Hashable, Path] = {}
         self.preprocess = preprocess
+        self.buffers = BatchBuffers()
         self.add(paths)
 
     def add(self, paths: dict[Hashable, Path]) -> None:
@@ -69,7 +104,7 @@ class ImageSource:
     def batch(self, image_ids: Sequence[Hashable]) -> Tensor:
         """``[B, 3, H, W]`` pixels of ``image_ids``, stacked into one batch tensor."""
         items = [self[i] for i in image_ids]
-        out = batch_tensor((len(items), *items[0].shape), items[0].dtype)
+        out = self.buffers.take((len(items), *items[0].shape), items[0].dtype)
         return torch.stack(items, out=out)
 
 
@@ -98,6 +133,7 @@ class CachedFeatures:
 
     def __init__(self, cache: FeatureCache, paths: dict[str, Path]) -> None:
         self.cache = cache
+        self.buffers = BatchBuffers()
         self.add(paths)
 
     def add(self, paths: dict[str, Path]) -> None:
@@ -105,7 +141,7 @@ class CachedFeatures:
 
     def batch(self, image_ids: Sequence[str]) -> Tensor:
         shape = (len(image_ids), *self.cache.feature_shape)
-        return self.cache.get(image_ids, out=batch_tensor(shape, torch.float16))
+        return self.cache.get(image_ids, out=self.buffers.take(shape, torch.float16))
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
