@@ -157,8 +157,8 @@ class Profiler:
             return self.timed(t, "copy", lambda: move_data_to_device(batch, self.device))
         batch = self.timed(t, "read", lambda: self.data.collate(samples))
         if self.device.type == "cuda":
-            pinned = {f: batch[f].pin_memory() for f in fields}
-            batch = {**batch, **self.timed(t, "pin", lambda: pinned)}
+            pinned = self.timed(t, "pin", lambda: {f: batch[f].pin_memory() for f in fields})
+            batch = {**batch, **pinned}
         else:
             t.phases["pin"].append(0.0)
         batch = self.timed(t, "copy", lambda: move_data_to_device(batch, self.device))
