@@ -78,9 +78,15 @@ class BatchBuffers:
         return {"keep": self.keep, "pool": {}}
 
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _unshared(tensor: Tensor) -> bool:
+    """Whether only the pool holds ``tensor``'s memory (never, where torch cannot say)."""
+    if _STORAGE_USE_COUNT is None:
+        return False
     # 2: the pool's tensor, and the storage object this call makes
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+    return _STORAGE_USE_COUNT(tensor.untyped_storage()._cdata) <= 2
 
 
 class ImageSource:
