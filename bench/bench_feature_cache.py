@@ -126,7 +126,7 @@ def measure(model: CSMCIR, args: argparse.Namespace, device: torch.device, tmp: 
         statistics.median(with_images),
         statistics.median(with_cache),
         extract_s,
-        cache.get(refs[:1], torch.float16).numel() * 2 / 1024,
+        cache.get(refs[:1]).numel() * 2 / 1024,  # float16
     )
 
 

@@ -43,12 +43,21 @@ def section_name(name: str, device: torch.device) -> str:
     return name if device.type == "cpu" else f"{name}_{device.type}"
 
 
-def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the section ``name`` with ``body``, stamped with command and date."""
+def _invocation() -> list[str]:
+    """How the running benchmark was started: ``-m bench.NAME`` (the scripts import the
+    ``bench`` package, so that is how they run from the repository root) or its path."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None:
+        return ["-m", spec.name]
     script = Path(sys.argv[0]).resolve()
     if script.is_relative_to(BENCHMARKS_MD.parent):
         script = script.relative_to(BENCHMARKS_MD.parent)
-    command = " ".join(["python", str(script), *sys.argv[1:]])
+    return [str(script)]
+
+
+def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section ``name`` with ``body``, stamped with command and date."""
+    command = " ".join(["python", *_invocation(), *sys.argv[1:]])
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     section = (
         f"<!-- bench:{name} -->\n{body.rstrip()}\n\n"

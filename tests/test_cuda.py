@@ -24,7 +24,7 @@ from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import model_from_checkpoint
 from csmcir.train.loss import info_nce
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
-from csmcir.train.module import CSMCIRModule
+from csmcir.train.module import CSMCIRModule, adamw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -129,6 +129,45 @@ def test_an_open_bank_never_waits_for_the_gpu(selection: str, window: str) -> No
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(bool(loss.isfinite()) for loss in losses)
+
+
+def test_a_cached_training_step_never_waits_for_the_gpu() -> None:
+    """The step from cached features (float16 batches pinned by the loader, copied without
+    blocking and widened on the device; tokenisation; both passes under bf16 autocast; InfoNCE;
+    backward; the fused AdamW step) only queues kernels: torch raises on a read-back."""
+    model = tiny(precision="bf16", freeze_vision=True).to(CUDA).train()
+    optimizer = adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], lr=1e-4)
+    assert optimizer.defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(3, 65, 64, generator=g).half().pin_memory() for _ in range(2)]
+
+    def step() -> torch.Tensor:
+        reference, target = (f.to(CUDA, non_blocking=True) for f in features)
+        q = model.encode_query(TEXTS, vision_features=reference)
+        t = model.encode_target(TEXTS[::-1], vision_features=target)
+        loss = info_nce(model.similarity(q, t), 0.07)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # optimiser state and library handles are made on the first step
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(loss.isfinite()) for loss in losses)
+
+
+def test_the_datamodule_pins_batches_for_the_gpu(synthcir, captions) -> None:
+    trainer = L.Trainer(accelerator="gpu", devices=1, logger=False)
+    data = CIRDataModule("synthcir", synthcir, captions, batch_size=8, cache_images=True)
+    data.trainer = trainer
+    data.setup("fit")
+    data.attach(tiny())
+    batch = next(iter(data.train_dataloader()))
+    assert batch["reference_image"].is_pinned() and batch["target_image"].is_pinned()
 
 
 def test_training_on_the_gpu_with_bank_and_bf16_resumes_on_the_cpu(

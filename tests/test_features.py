@@ -59,11 +59,13 @@ def test_cached_features_give_the_embeddings_of_the_vit(tmp_path, model, val_spl
     with torch.no_grad():
         direct = model.vision_features(pixels)
         cached = FeatureCache.open(tmp_path / "cache", model).get(ids)
-        # stored as fp16: exactly the ViT output rounded to half precision
-        assert torch.equal(cached, direct.half().float())
+        # stored as fp16, read as fp16: exactly the ViT output rounded to half precision
+        assert cached.dtype == torch.float16 and torch.equal(cached, direct.half())
         from_cache = model.encode_query(texts, vision_features=cached)
         from_images = model.encode_query(texts, pixels)
-        assert torch.equal(from_cache, model.encode_query(texts, vision_features=direct.half()))
+        # the model widens them itself: as if given the float32 of the rounded features
+        widened = direct.half().float()
+        assert torch.equal(from_cache, model.encode_query(texts, vision_features=widened))
     torch.testing.assert_close(from_cache, from_images, atol=2e-3, rtol=0)
 
 

@@ -127,8 +127,12 @@ def test_train_triplets(split: CIRSplit):
     item = data[(1, 4)]
     assert item["text"] == random.Random("7/4/1").choice(("c", "d"))
     assert item["target_caption"] == "blue"
-    assert torch.equal(item["reference_image"][:, 0, 0], torch.tensor([0.0, 255.0, 0.0]))
-    assert torch.equal(item["target_image"][:, 0, 0], torch.tensor([0.0, 0.0, 255.0]))
+    assert (item["reference_image"], item["target_image"]) == ("img1", "img2")
+    batch = data.collate([data[(1, 4)], data[(0, 4)]])  # a batch reads its images at once
+    green, blue, red = [0.0, 255, 0], [0.0, 0, 255], [255.0, 0, 0]
+    assert torch.equal(batch["reference_image"][:, :, 0, 0], torch.tensor([green, red]))
+    assert torch.equal(batch["target_image"][:, :, 0, 0], torch.tensor([blue, green]))
+    assert batch["text"] == [item["text"], data[(0, 4)]["text"]]
     # keys number the images; equal targets (q0 and q2 both want img1) get equal keys
     assert data[0]["target_key"] == data[2]["target_key"] != data[1]["target_key"]
     assert data[1]["reference_key"] == data[0]["target_key"]
@@ -159,7 +163,9 @@ def test_validation_items_put_the_gallery_before_the_queries(split: CIRSplit):
     assert kinds == [GALLERY] * 3 + [QUERY] * 3
     assert items[2]["text"] == "x" and items[2]["position"] == 2
     assert items[4]["text"] == "c and d" and items[4]["position"] == 1
-    assert torch.equal(items[4]["image"], images["img1"])
+    assert items[4]["image"] == "img1"
+    batch = items.collate([items[4], items[2]])
+    assert torch.equal(batch["image"], torch.stack([images["img1"], images["img3"]]))
     assert ValidationItems(split, images, None)[0]["text"] is None
 
 

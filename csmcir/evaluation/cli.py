@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="gallery cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int, default=0, help="tie-breaking and untrained-preset seed")
     p.add_argument("--drop-missing", action="store_true", help="drop queries with missing images")
@@ -89,6 +90,8 @@ def main(argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     split_name = args.split or DEFAULT_SPLIT.get(args.benchmark, "val")
     if args.submission:
         submission.check_submission_split(args.benchmark, split_name)
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             fingerprint=fingerprint,
             features=features,
+            num_workers=args.workers,
         )
         data[s.benchmark] = s.summary() | {
             "gallery_from_cache": scored.gallery_from_cache,

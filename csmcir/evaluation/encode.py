@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from csmcir.data.images import load_image
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.io import atomic_write_bytes
+from csmcir.train.datasets import BatchedImages, CachedFeatures, ImageSource
 from csmcir.train.run_folder import model_folder
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
@@ -86,6 +88,27 @@ def target_texts(
     return [captions.get(i, "") for i in ids]
 
 
+class EncodeItems(BatchedImages, Dataset):
+    """(image, text) pairs to embed. Images are read a batch at a time by the same sources as
+    training: cached features by image id, or pixels decoded by position."""
+
+    image_fields = ("image",)
+
+    def __init__(
+        self, keys: Sequence[Hashable], texts: Sequence[str] | None, images: ImageSource
+    ) -> None:
+        self.keys, self.texts, self.images = keys, texts, images
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "image": self.keys[index],
+            "text": None if self.texts is None else self.texts[index],
+        }
+
+
 @torch.inference_mode()
 def encode_images(
     model,
@@ -97,29 +120,40 @@ def encode_images(
     desc: str = "encoding",
     ids: Sequence[str] | None = None,
     features=None,
+    num_workers: int = 0,
 ) -> torch.Tensor:
     """Embed (image, text) pairs with ``encode_query`` or ``encode_target``; fp32 on the CPU.
 
     With ``features`` (an open ``csmcir.model.features.FeatureCache``) the frozen ViT's output
     is read from the cache by image id instead of running the ViT; an id it lacks is an error.
+    ``num_workers`` DataLoader workers read and decode ahead of the model (pinned for a GPU).
     """
     if texts is not None and len(texts) != len(paths):
         raise ValueError(f"{len(texts)} texts for {len(paths)} images")
     if features is not None and (ids is None or len(ids) != len(paths)):
         raise ValueError("reading a feature cache needs the image ids")
+    if not paths:
+        raise DataError(f"{desc}: nothing to encode")
     encode = {"query": model.encode_query, "target": model.encode_target}[side]
+    if features is not None:
+        images, keys = CachedFeatures(features, dict(zip(ids, paths, strict=True))), list(ids)
+        model_input = CachedFeatures.model_input
+    else:
+        images, keys = ImageSource(dict(enumerate(paths)), model.transform.one), range(len(paths))
+        model_input = ImageSource.model_input
+    items = EncodeItems(keys, texts, images)
+    loader = DataLoader(
+        items,
+        batch_size=batch_size,
+        collate_fn=items.collate,
+        num_workers=num_workers,
+        pin_memory=model.device.type == "cuda",
+    )
     model.eval()
     chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        end = start + batch_size
-        batch_texts = None if texts is None else list(texts[start:end])
-        if features is not None:
-            inputs = {"vision_features": features.get(list(ids[start:end]))}
-        else:
-            inputs = {"pixel_values": model.preprocess([load_image(p) for p in paths[start:end]])}
-        chunks.append(encode(batch_texts, **inputs).float().cpu())
-    if not chunks:
-        raise DataError(f"{desc}: nothing to encode")
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        batch_texts = None if texts is None else batch["text"]
+        chunks.append(encode(batch_texts, **{model_input: batch["image"]}).float().cpu())
     return torch.cat(chunks)
 
 
@@ -146,6 +180,7 @@ def encode_gallery(
     batch_size: int = 64,
     fingerprint: str | None = None,
     features=None,
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, bool]:
     """Gallery embeddings ``[N, D]`` (or ``[N, Q, D]``) and whether they came from the cache."""
     fingerprint = fingerprint or model.fingerprint()
@@ -167,6 +202,7 @@ def encode_gallery(
         desc="gallery",
         ids=ids,
         features=features,
+        num_workers=num_workers,
     )
     if path is not None:
         meta = {"model": fingerprint, "images": str(len(ids)), "version": CACHE_VERSION}

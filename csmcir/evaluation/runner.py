@@ -38,8 +38,10 @@ def score_split(
     batch_size: int = 64,
     fingerprint: str | None = None,
     features=None,
+    num_workers: int = 0,
 ) -> SplitScores:
-    """Encode ``split``'s gallery (cached) and queries; ``features``: an open FeatureCache."""
+    """Encode ``split``'s gallery (cached) and queries; ``features``: an open FeatureCache;
+    ``num_workers``: DataLoader workers reading images or features ahead of the model."""
     prepared = prepare(split)
     texts = target_texts(model, split.gallery, captions, empty_captions)
     gallery, cached = encode_gallery(
@@ -51,6 +53,7 @@ def score_split(
         batch_size=batch_size,
         fingerprint=fingerprint,
         features=features,
+        num_workers=num_workers,
     )
     references = [split.image_path(q.reference) for q in split.queries]
     queries = encode_images(
@@ -62,6 +65,7 @@ def score_split(
         desc="queries",
         ids=[q.reference for q in split.queries],
         features=features,
+        num_workers=num_workers,
     )
     return SplitScores(prepared, score_matrix(model, queries, gallery), cached)
 

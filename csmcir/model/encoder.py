@@ -268,9 +268,11 @@ class CSMCIR(nn.Module):
         )
         vocab = self.config.qformer.get("vocab_size", 30522)
         ids = clamp_ids(enc["input_ids"], vocab, self.tokenizer.unk_token_id)
+        # non-blocking: a host-to-device copy from pageable memory is staged at once, and a
+        # blocking one would make the host wait for every kernel queued before it
         return {
-            "input_ids": ids.to(self.device),
-            "attention_mask": enc["attention_mask"].to(self.device),
+            "input_ids": ids.to(self.device, non_blocking=True),
+            "attention_mask": enc["attention_mask"].to(self.device, non_blocking=True),
         }
 
     def truncated(self, texts: Sequence[str]) -> list[str | None]:
@@ -288,7 +290,8 @@ class CSMCIR(nn.Module):
         """The ViT's last hidden state ``[B, P, Dv]`` in fp32: what the feature cache stores."""
         grad = torch.is_grad_enabled() and not self.config.freeze_vision
         with torch.set_grad_enabled(grad), self._autocast():
-            out = self.vision_model(pixel_values=pixel_values.to(self.device)).last_hidden_state
+            pixels = pixel_values.to(self.device, non_blocking=True)
+            out = self.vision_model(pixel_values=pixels).last_hidden_state
         return out.float()
 
     def _vision(
@@ -300,12 +303,13 @@ class CSMCIR(nn.Module):
         return vision_from_inputs(self, pixel_values, vision_features, images)
 
     def check_vision_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Given (cached) features must be the ViT's ``[B, patches, hidden]`` output."""
+        """Given (cached) features must be the ViT's ``[B, patches, hidden]`` output; float16
+        ones from the cache are copied to the device as they are and widened there."""
         expected = self.config.vision["hidden_size"]
         if features.dim() != 3 or features.shape[-1] != expected:
             shape = tuple(features.shape)
             raise ValueError(f"vision_features must be [B, patches, {expected}], got {shape}")
-        return features.to(self.device, torch.float32)
+        return features.to(self.device, non_blocking=True).float()
 
     # the encoder
 

@@ -106,17 +106,8 @@ class FeatureCache:
     def missing(self, image_ids: Sequence[str]) -> list[str]:
         return [i for i in image_ids if i not in self._rows]
 
-    def _array(self, shard: int) -> np.ndarray:
-        if shard not in self._arrays:
-            path = self.folder / SHARD_DIR / self._shards[shard]
-            try:
-                self._arrays[shard] = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"feature cache shard {path} is unreadable: {e}") from None
-        return self._arrays[shard]
-
-    def get(self, image_ids: Sequence[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[B, patches, hidden]`` features of ``image_ids`` in order; a missing id is an error."""
+    def require(self, image_ids: Sequence[str]) -> None:
+        """A DataError naming the ids without features (and the command that extracts them)."""
         missing = self.missing(image_ids)
         if missing:
             shown = ", ".join(missing[:5]) + (
@@ -126,11 +117,53 @@ class FeatureCache:
                 f"feature cache {self.folder} has no features for {len(missing)} image(s): "
                 f"{shown}; extract that split with: " + EXTRACT_HINT.format(folder=self.folder)
             )
-        if not image_ids:
-            return torch.empty(0, *self.feature_shape, dtype=dtype)
-        rows = [self._rows[i] for i in image_ids]
-        out = np.stack([self._array(shard)[row] for shard, row in rows])
-        return torch.from_numpy(out).to(dtype)
+
+    def _array(self, shard: int) -> np.ndarray:
+        if shard not in self._arrays:
+            path = self.folder / SHARD_DIR / self._shards[shard]
+            try:
+                self._arrays[shard] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"feature cache shard {path} is unreadable: {e}") from None
+        return self._arrays[shard]
+
+    def get(self, image_ids: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, patches, hidden]`` float16 features of ``image_ids`` in order, as stored.
+
+        They stay float16 until they reach the model's device (the model widens them there):
+        converting on the host would double the bytes every later copy moves. Rows are copied
+        straight from the memory-mapped shards into ``out`` (or a new tensor), in file order and
+        one slice per run of consecutive rows, so no intermediate copy is made. A missing id is
+        an error.
+        """
+        self.require(image_ids)
+        shape = (len(image_ids), *self.feature_shape)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float16)
+        elif out.shape != shape or out.dtype != torch.float16 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float16 tensor of shape {shape}")
+        target = out.numpy()
+        for shard, row, position, n in _runs([self._rows[i] for i in image_ids]):
+            target[position : position + n] = self._array(shard)[row : row + n]
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its memory maps (DataLoader workers under spawn reopen them)."""
+        return {**self.__dict__, "_arrays": {}}
+
+
+def _runs(rows: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """``(shard, first row, first output position, length)`` of each run of requested rows that
+    are consecutive both in a shard and in the output, ordered by shard and row: a sequential
+    read (a validation gallery in extraction order) becomes a few large copies."""
+    runs: list[list[int]] = []
+    for position, (shard, row) in enumerate(rows):
+        last = runs[-1] if runs else None
+        if last and last[0] == shard and last[1] + last[3] == row and last[2] + last[3] == position:
+            last[3] += 1
+        else:
+            runs.append([shard, row, position, 1])
+    return sorted((tuple(run) for run in runs), key=lambda run: run[:2])
 
 
 def check_fingerprint(folder: Path, meta: dict[str, Any], fingerprint: str) -> None:

@@ -30,7 +30,6 @@ from csmcir.train.datasets import (
     InMemoryImages,
     TrainTriplets,
     ValidationItems,
-    collate,
 )
 from csmcir.train.sampler import EpochShuffleSampler
 
@@ -350,9 +349,9 @@ class CIRDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            collate_fn=collate,
-            num_workers=self.num_workers,
+            collate_fn=dataset.collate,
             persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -368,11 +367,18 @@ class CIRDataModule(L.LightningDataModule):
                     dataset,
                     batch_size=self.val_batch_size,
                     sampler=sampler,
-                    collate_fn=collate,
-                    num_workers=self.num_workers,
+                    collate_fn=dataset.collate,
+                    **self._loader_options(),
                 )
             )
         return loaders
+
+    def _loader_options(self) -> dict[str, Any]:
+        """Workers read and collate batches ahead of the step (``prefetch_factor`` each); on a
+        GPU the batches come pinned, so Lightning's non-blocking copy overlaps the step."""
+        trainer = self.trainer
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return {"num_workers": self.num_workers, "pin_memory": on_cuda}
 
     def val_splits(self) -> list[tuple[str, CIRSplit]]:
         """(name, split) of each validation loader, in loader order."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from csmcir.errors import ConfigError
@@ -149,6 +150,25 @@ class CSMCIRModule(L.LightningModule):
             self.model = self._build_model(datamodule)
         self._build_bank()
         datamodule.attach(self.model)
+        if stage == "fit":
+            self._check_precision()
+
+    def _check_precision(self) -> None:
+        """The model's ``precision`` is its own autocast (the same in training, validation,
+        eval and export), on float32 weights. Lightning's ``*-true`` precisions would cast the
+        weights themselves, and fp16 autocast needs the loss scaling only Lightning's
+        ``16-mixed`` brings (a gradient under 6e-8 is zero in fp16)."""
+        lightning = str(self.trainer.precision)
+        if lightning.endswith("-true") and lightning not in ("32-true", "64-true"):
+            raise ConfigError(
+                f"--trainer.precision {lightning} casts the weights; keep float32 weights and set "
+                "the autocast with --model.model_options '{precision: bf16}'"
+            )
+        if self.model.config.precision == "fp16" and lightning != "16-mixed":
+            raise ConfigError(
+                "model precision fp16 trains without loss scaling; use precision bf16, or model "
+                "precision fp32 with --trainer.precision 16-mixed (autocast + gradient scaler)"
+            )
 
     def _datamodule(self):
         from csmcir.train.datamodule import CIRDataModule
@@ -278,11 +298,18 @@ class CSMCIRModule(L.LightningModule):
         for param in self.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
+        # Lightning's mixed-precision plugins clip gradients only for optimizers that leave
+        # unscaling to it, which a fused one does not
+        trainer = self.trainer
+        clips = bool(trainer.gradient_clip_val) and isinstance(
+            trainer.precision_plugin, MixedPrecision
+        )
+        optimizer = adamw(
             [
                 {"params": decay, "weight_decay": hp.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
+            fused=not clips,
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
@@ -367,6 +394,19 @@ class CSMCIRModule(L.LightningModule):
         if self._rng_to_restore is not None:
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def adamw(groups: list[dict[str, Any]], fused: bool = True, **options: Any) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where allowed and the parameters' device has one (CUDA;
+    CPU since torch 2.4), else the multi-tensor one. The fused step is one kernel over all
+    parameters instead of a dozen per tensor: 4.5x faster than the per-tensor loop for the
+    BLIP-2 Q-Former on a CPU (docs/training.md); its updates agree with it to float32 rounding."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device.type for group in groups for p in group["params"]}
+    if fused and devices <= set(_get_fused_kernels_supported_devices()):
+        return torch.optim.AdamW(groups, fused=True, **options)
+    return torch.optim.AdamW(groups, foreach=True, **options)
 
 
 def _rng_states() -> dict[str, Any]:
