@@ -278,3 +278,25 @@ def test_fashioniq_trains_on_the_union_and_validates_per_category(shared_benchma
     item = train.dataset[(0, 3)]
     query = train.dataset.items[0].query
     assert item["text"] in train_forms(query)
+
+
+def test_the_vit_runs_once_per_distinct_reference_and_gives_the_same_features():
+    from csmcir.model import CSMCIR
+    from csmcir.train.module import CSMCIRModule
+
+    module = CSMCIRModule()
+    module.model = CSMCIR.from_preset("tiny", tokenizer_corpus=["add a red circle"], seed=0)
+    pixels = torch.randn(3, 3, 64, 64)
+    batch = {
+        "reference_image": pixels[[0, 0, 1, 2, 1]],
+        "reference_key": torch.tensor([7, 7, 3, 9, 3]),
+    }
+    rows = []
+    patches = module.model.vision_model.embeddings.patch_embedding
+    patches.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    given = module._references(batch, "pixel_values")["vision_features"]
+    assert rows == [3]  # three distinct references of five queries
+    expected = module.model.vision_features(batch["reference_image"])
+    assert torch.allclose(given, expected, atol=1e-6)
+    distinct = {"reference_image": pixels, "reference_key": torch.tensor([1, 2, 3])}
+    assert module._references(distinct, "pixel_values") == {"pixel_values": pixels}
