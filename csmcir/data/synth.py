@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,6 +29,8 @@ from csmcir.io import atomic_write_json, atomic_write_text, read_json
 SCENES_VERSION = 1
 CONFIG_FILE = "synth_config.json"
 SCENES_FILE = "scenes.json"
+RENDER_CHUNK = 1000  # images a worker renders per task
+MAX_RENDER_WORKERS = 4
 
 
 def annotation_paths(out: Path) -> list[Path]:
@@ -110,15 +115,29 @@ def caption_records(split: SplitData, first_pairid: int, first_set: int) -> list
 
 
 def write_images(out: Path, splits: dict[str, SplitData], image_size: int) -> None:
-    total = sum(len(s.names) for s in splits.values())
-    with tqdm(total=total, desc="rendering", unit="img") as bar:
-        for split in SPLITS:
-            folder = out / split
-            folder.mkdir(parents=True, exist_ok=True)
-            for scene, name in sorted(splits[split].names.items(), key=lambda item: item[1]):
-                image = render_scene(scene, GRID, image_size)
-                (folder / f"{name}.png").write_bytes(png_bytes(image))
-                bar.update()
+    """Render every scene to ``<split>/<name>.png``, in chunks over the CPU's cores: an image is
+    a pure function of its scene, so the files are the same whichever process writes them."""
+    jobs = []
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+        items = sorted(splits[split].names.items(), key=lambda item: item[1])
+        jobs += [(out / split / f"{name}.png", scene) for scene, name in items]
+    chunks = [jobs[i : i + RENDER_CHUNK] for i in range(0, len(jobs), RENDER_CHUNK)]
+    workers = min(len(chunks), os.cpu_count() or 1, MAX_RENDER_WORKERS)
+    with tqdm(total=len(jobs), desc="rendering", unit="img") as bar:
+        if workers < 2:
+            for chunk in chunks:
+                bar.update(render_chunk(chunk, image_size))
+            return
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(render_chunk, chunks, itertools.repeat(image_size)):
+                bar.update(done)
+
+
+def render_chunk(jobs: list[tuple[Path, Scene]], image_size: int) -> int:
+    for path, scene in jobs:
+        path.write_bytes(png_bytes(render_scene(scene, GRID, image_size)))
+    return len(jobs)
 
 
 def write_annotations(out: Path, splits: dict[str, SplitData]) -> None:
