@@ -75,6 +75,11 @@ def test_eval_reports_cirr_metrics_counts_and_reuses_the_gallery_cache(
     kinds = {q.extra["mod_type"] for q in split.queries}
     assert kinds <= set(types) and sum(types[k]["queries"] for k in kinds) == len(split.queries)
     assert "by modification type" in printed and "change:" in printed
+    # R@1 taken apart: finding the look-alike group, then choosing inside it.
+    top1 = first["top1"]["synthcir"]
+    product = top1["top-1 in subset"] * top1["R@1 | top-1 in subset"] / 100
+    assert product == pytest.approx(metrics["R@1"])
+    assert "the first result is in the query's subset" in printed
 
     second = run_eval(args, tmp_path)
     assert second["data"]["splits"]["synthcir"]["gallery_from_cache"] is True

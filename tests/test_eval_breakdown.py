@@ -10,7 +10,7 @@ import torch
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.errors import ConfigError
 from csmcir.evaluation.bounds import text_blind_scores
-from csmcir.evaluation.protocols import by_type, compute, prepare, query_groups
+from csmcir.evaluation.protocols import by_type, compute, prepare, query_groups, top1_in_subset
 
 GALLERY = ["r1", "a", "b", "c", "r2", "d"]
 
@@ -80,6 +80,32 @@ def test_per_type_ties_follow_the_whole_splits_tie_break():
 def test_per_type_metrics_need_the_cirr_protocol():
     with pytest.raises(ConfigError, match="CIRR protocol"):
         by_type(SCORES, prepare(split(QUERIES, benchmark="shoes")))
+
+
+def test_top1_in_subset_by_hand_and_its_product_is_r_at_1():
+    """Queries 0-3 put a subset member first (0 and 3 their target); query 4 puts c first,
+    outside its subset {d, a, b}."""
+    queries = [*QUERIES, query(4, "r2", "d", "move")]
+    scores = torch.cat([SCORES, torch.tensor([[0.0, 1.0, 2.0, 8.0, 9.0, 5.0]])])
+    prepared = prepare(split(queries))
+    top1 = top1_in_subset(scores, prepared)
+    assert top1 == {"top-1 in subset": 80.0, "R@1 | top-1 in subset": 50.0}
+    assert compute(scores, prepared)["R@1"] == pytest.approx(80.0 * 50.0 / 100)
+
+
+def test_top1_in_subset_ties_follow_r_at_1s_tie_break():
+    prepared = prepare(split(QUERIES))
+    flat = torch.zeros(len(QUERIES), len(GALLERY))
+    for seed in range(4):
+        top1 = top1_in_subset(flat, prepared, seed=seed)
+        product = top1["top-1 in subset"] * top1["R@1 | top-1 in subset"] / 100
+        assert product == pytest.approx(compute(flat, prepared, seed=seed)["R@1"])
+
+
+def test_top1_in_subset_is_empty_without_subsets_or_the_cirr_protocol():
+    assert top1_in_subset(SCORES, prepare(split(QUERIES, benchmark="shoes"))) == {}
+    plain = [CIRQuery("0", "r1", ("t",), ("a",), None)]
+    assert top1_in_subset(SCORES[:1], prepare(split(plain))) == {}
 
 
 def test_text_blind_ceiling_is_half_when_each_reference_has_two_targets():

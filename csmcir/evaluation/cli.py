@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         features = FeatureCache.open(args.features, model)  # another ViT's cache is refused
     metrics: dict[str, dict[str, float]] = {}
     types: dict[str, dict[str, dict]] = {}
+    first: dict[str, dict[str, float]] = {}
     data: dict[str, dict] = {}
     written: list[str] = []
     for s in splits:
@@ -147,6 +148,8 @@ def run(args: argparse.Namespace) -> dict:
             metrics[s.benchmark] = protocols.compute(scored.scores, scored.prepared, args.seed)
             if protocols.query_groups(s):
                 types[s.benchmark] = protocols.by_type(scored.scores, scored.prepared, args.seed)
+            if top1 := protocols.top1_in_subset(scored.scores, scored.prepared, args.seed):
+                first[s.benchmark] = top1
     if args.benchmark == "fashioniq" and len(metrics) > 1:
         metrics["average"] = protocols.fashioniq_summary(metrics)
     results = {
@@ -170,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         "protocol": protocol,
         "metrics": metrics,
         "by_type": types,
+        "top1": first,
         "headline": headline(args.benchmark, metrics),
         "submission": written,
         "options": {
@@ -298,6 +302,12 @@ def format_results(results: dict) -> str:
         for row, values in metrics.items():
             cells = "".join(f"{values[c]:>11.2f}" if c in values else " " * 11 for c in columns)
             lines.append(f"{row:<{width}}{cells}")
+    for name, top1 in results.get("top1", {}).items():
+        lines.append(
+            f"{name}: the first result is in the query's subset for "
+            f"{top1['top-1 in subset']:.2f}% of queries; R@1 among those "
+            f"{top1['R@1 | top-1 in subset']:.2f}%"
+        )
     for name, groups in results.get("by_type", {}).items():
         lines.append("")
         lines.append(f"{name} by modification type (change:<attribute> = what a change edits):")

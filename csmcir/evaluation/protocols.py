@@ -171,6 +171,30 @@ def by_type(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str
     }
 
 
+def top1_in_subset(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> dict[str, float]:
+    """R@1 taken apart: how often the first result (reference excluded) is one of the query's
+    subset (CIRR's ``img_set``, the synthetic benchmark's look-alike group), and R@1 among those
+    queries. Their product is R@1, so a model behind on R@1 is shown to be behind at finding
+    the group or at choosing inside it. Empty for splits without subsets."""
+    queries = prepared.split.queries
+    if METRICS[family(prepared.split.benchmark)] is not _cirr or not all(q.subset for q in queries):
+        return {}
+    members = [
+        [j for j in _subset(prepared, q) if j != prepared.exclude[i]] for i, q in enumerate(queries)
+    ]
+    in_subset = target_ranks(scores, members, exclude=prepared.exclude, seed=seed) <= 1
+    hits = target_ranks(scores, _main_targets(prepared), exclude=prepared.exclude, seed=seed) <= 1
+    found = int(in_subset.sum())
+    return {
+        "top-1 in subset": 100.0 * found / len(queries),
+        "R@1 | top-1 in subset": 100.0 * int((hits & in_subset).sum()) / found if found else 0.0,
+    }
+
+
+def _subset(p: Prepared, q: CIRQuery) -> list[int]:
+    return [p.index_of(m, q, "subset member") for m in q.subset or ()]
+
+
 def _main_targets(p: Prepared) -> list[int]:
     return [p.index_of(q.targets[0], q, "target") for q in p.split.queries]
 
@@ -178,7 +202,7 @@ def _main_targets(p: Prepared) -> list[int]:
 def _cirr_ranks(scores: torch.Tensor, p: Prepared, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's target rank in the gallery and inside its subset."""
     targets = _main_targets(p)
-    subsets = [[p.index_of(m, q, "subset member") for m in q.subset or ()] for q in p.split.queries]
+    subsets = [_subset(p, q) for q in p.split.queries]
     return (
         target_ranks(scores, targets, exclude=p.exclude, seed=seed),
         target_ranks(scores, targets, exclude=p.exclude, seed=seed, subsets=subsets),
