@@ -159,8 +159,21 @@ def test_a_fit_config_with_another_budget_is_refused_unless_declared(tmp_path, f
     assert load(tmp_path, pinned).variant("b").fit_config == other
 
 
+def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
+    short, long = (
+        load_config(REPO / "configs" / "ablation" / f"synthcir_vs_clip4cir{suffix}.yaml")
+        for suffix in ("", "_1200")
+    )
+    assert short.budget["trainer.max_steps"] == 480 and long.budget["trainer.max_steps"] == 1200
+    for name in ("csmcir", "clip4cir"):
+        assert short.variant(name).overrides == long.variant(name).overrides, name
+        assert short.variant(name).fit_config == long.variant(name).fit_config, name
+
+
 def test_the_shipped_configs_load_and_cover_the_issue_rows():
-    for name in ("synthcir", "fashioniq", "cirr"):
+    shipped = {p.stem for p in (REPO / "configs" / "ablation").glob("*.yaml")}
+    assert {"synthcir", "fashioniq", "cirr", "synthcir_vs_clip4cir"} <= shipped
+    for name in shipped:
         load_config(REPO / "configs" / "ablation" / f"{name}.yaml")
     config = load_config(REPO / "configs" / "ablation" / "synthcir.yaml")
     rows = {v.name: v for v in config.variants}
