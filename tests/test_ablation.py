@@ -18,6 +18,7 @@ from csmcir.ablation.config import AblationConfig, flatten, load_config
 from csmcir.ablation.runner import Grid, flag_value, log_tail, stale_reason
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
+from csmcir.model.config import CSMCIRConfig
 from csmcir.train.memory_bank import MemoryBankConfig
 from csmcir.train.module import CSMCIRModule
 from csmcir.train.resolve import resolve
@@ -589,6 +590,26 @@ def test_a_changed_module_default_or_fit_yaml_value_reruns_the_rows_that_use_it(
     runs, said = rerun(tmp_path, fit_yaml)
     assert len(trained(runs)) == 6
     assert said[-1] == "lr/seed1: runs again: fit config changed: model.weight_decay 0.05 -> 0.1"
+
+
+def test_a_changed_model_config_default_reruns_the_rows_built_from_a_preset(
+    tmp_path, fit_yaml, monkeypatch
+):
+    rows = [{"name": "tiny"}, {"name": "clip", "overrides": {"model.preset": "clip4cir-tiny"}}]
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), rows).run_all()
+    init = CSMCIRConfig.__init__  # the tiny preset's config class; clip4cir has its own
+    names = list(inspect.signature(init).parameters)[-len(init.__defaults__) :]
+    defaults = [
+        True if n == "gradient_checkpointing" else d
+        for n, d in zip(names, init.__defaults__, strict=True)
+    ]
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    runs, said = rerun(tmp_path, fit_yaml, rows)
+    assert trained(runs) == ["tiny/seed0", "tiny/seed1"]
+    assert (
+        said[0]
+        == "tiny/seed0: runs again: model config changed: gradient_checkpointing false -> true"
+    )
 
 
 def test_cells_recorded_by_the_old_key_run_again_and_say_why(tmp_path, fit_yaml):
