@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
 import json
 import shutil
@@ -12,10 +14,14 @@ import pytest
 import yaml
 
 from csmcir import cli as csmcir_cli
-from csmcir.ablation.config import AblationConfig, load_config
-from csmcir.ablation.runner import Grid, flag_value, log_tail
+from csmcir.ablation.config import AblationConfig, flatten, load_config
+from csmcir.ablation.runner import Grid, flag_value, log_tail, stale_reason
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
+from csmcir.model.config import CSMCIRConfig
+from csmcir.train.memory_bank import MemoryBankConfig
+from csmcir.train.module import CSMCIRModule
+from csmcir.train.resolve import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -399,7 +405,7 @@ def test_a_run_with_an_undeclared_budget_difference_is_flagged(tmp_path, fit_yam
 class FakeRuns:
     """Plays ``csmcir caption|fit|eval``: writes the files they write; fails where told."""
 
-    def __init__(self, fail_when: str = "sideways", steps_short: bool = False) -> None:
+    def __init__(self, fail_when: str = "0.777", steps_short: bool = False) -> None:
         self.calls: list[list[str]] = []
         self.fail_when = fail_when
         self.steps_short = steps_short
@@ -436,14 +442,16 @@ class FakeRuns:
 
 
 def fake_grid(tmp_path, fit_yaml, runs, rows: list[dict], **kwargs) -> Grid:
+    """A grid whose runs ``runs`` plays; fit commands resolve in this process (the real parser
+    and defaults, without the subprocess's start-up)."""
     config = load(tmp_path, base_config(fit_yaml, rows))
-    return Grid(config, tmp_path / "out", [0, 1], run=runs, **kwargs)
+    return Grid(config, tmp_path / "out", [0, 1], run=runs, resolve=resolve, **kwargs)
 
 
 VARIANTS = [
     {"name": "base", "captions": "mcot"},
     {"name": "ft", "extends": "base", "init_from": "base", "overrides": {"model.lr": 0.01}},
-    {"name": "bad", "overrides": {"model.model_options": {"tower": "sideways"}}},
+    {"name": "bad", "overrides": {"model.lr": 0.777}},  # valid, but FakeRuns fails it
 ]
 
 
@@ -461,7 +469,7 @@ def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):
         ("bad", 1): "failed",
     }
     bad = next(r for r in records if r["variant"] == "bad")
-    assert bad["stage"] == "train" and bad["error"][-1] == "error: bad value sideways"
+    assert bad["stage"] == "train" and bad["error"][-1] == "error: bad value 0.777"
     assert Path(bad["log"]).is_file()
     # the captions were built once, then shared
     assert sum(c[3:5] == ["caption", "run"] for c in runs.calls) == 1
@@ -476,7 +484,7 @@ def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):
     runs.calls.clear()
     grid.run_all()
     assert {c[3] for c in runs.calls} == {"fit"}
-    assert all("sideways" in " ".join(c) for c in runs.calls) and len(runs.calls) == 2
+    assert all("0.777" in " ".join(c) for c in runs.calls) and len(runs.calls) == 2
     # a changed command reruns the cell, and whatever started from its weights
     changed = [dict(v) for v in VARIANTS]
     changed[0]["overrides"] = {"model.lr": 0.5}
@@ -516,11 +524,216 @@ def test_a_run_that_stops_short_of_the_budget_is_a_failure(tmp_path, fit_yaml):
 def test_a_missing_caption_file_fails_its_rows_only(tmp_path, fit_yaml):
     config = base_config(fit_yaml, [{"name": "a", "captions": "given"}, {"name": "b"}])
     config["captions"] = {"given": {"file": str(tmp_path / "absent.json")}}
-    grid = Grid(load(tmp_path, config), tmp_path / "out", [0], run=FakeRuns())
+    grid = Grid(load(tmp_path, config), tmp_path / "out", [0], run=FakeRuns(), resolve=resolve)
     a, b = grid.run_all()
     assert a["status"] == "failed" and a["stage"] == "captions"
     assert a["error"] == [f"caption file 'given' not found: {tmp_path / 'absent.json'}"]
     assert b["status"] == "ok"
+
+
+# -- staleness: a cell's key is its resolved config, not its commands ---------------------------
+
+
+BANK_ROWS = [
+    {"name": "bank", "overrides": {"model.bank": {"enabled": True}}},
+    {"name": "no-bank", "overrides": {"model.bank": {"enabled": False}}},
+    {"name": "lr", "overrides": {"model.lr": 0.002}},
+]
+
+
+@dataclasses.dataclass
+class ChangedBank(MemoryBankConfig):
+    """MemoryBankConfig after the code changed a default (at module level: the fit parser finds
+    the class by its import path)."""
+
+    open_entropy: float | None = 0.2
+
+
+def trained(runs: FakeRuns) -> list[str]:
+    """The cells a grid trained, as ``variant/seedN``."""
+    folders = [c[c.index("--trainer.default_root_dir") + 1] for c in runs.calls if c[3] == "fit"]
+    return sorted("/".join(Path(f).parts[-3:-1]) for f in folders)
+
+
+def rerun(tmp_path, fit_yaml, rows=BANK_ROWS) -> tuple[FakeRuns, list[str]]:
+    """Run the grid again; what it trained and the reasons it gave."""
+    runs, said = FakeRuns(), []
+    grid = fake_grid(tmp_path, fit_yaml, runs, rows)
+    for cell in grid.cells():
+        grid.run_cell(cell, said.append)
+    return runs, said
+
+
+def test_a_changed_memory_bank_default_reruns_the_bank_rows_only(tmp_path, fit_yaml, monkeypatch):
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), BANK_ROWS).run_all()
+    runs, said = rerun(tmp_path, fit_yaml)
+    assert runs.calls == [] and said == []  # nothing changed: every cell is reused
+
+    # The code changes a bank default (its rows give the bank as a mapping, without that key).
+    # A disabled bank builds nothing, so its row is not affected.
+    monkeypatch.setattr("csmcir.train.module.MemoryBankConfig", ChangedBank)
+    runs, said = rerun(tmp_path, fit_yaml)
+    assert trained(runs) == ["bank/seed0", "bank/seed1"]
+    assert said == [
+        f"bank/seed{s}: runs again: fit config changed: model.bank.open_entropy 0.4 -> 0.2"
+        for s in (0, 1)
+    ]
+    record = json.loads((tmp_path / "out/cells/bank/seed0/result.json").read_text())
+    assert record["key"]["fit"]["model.bank.open_entropy"] == 0.2
+    assert record["key"]["fit"]["model.bank.selection"] == "hardest"  # every bank setting
+    assert record["key"]["model"]["qformer.hidden_size"] == 64  # the tiny preset's model config
+    assert rerun(tmp_path, fit_yaml)[0].calls == []
+
+
+def test_a_changed_module_default_or_fit_yaml_value_reruns_the_rows_that_use_it(
+    tmp_path, fit_yaml, monkeypatch
+):
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), BANK_ROWS).run_all()
+    # model.lr's default changes in the code: the row that sets its own lr is not affected
+    init = CSMCIRModule.__init__
+    names = list(inspect.signature(init).parameters)[1:]  # every one has a default
+    defaults = [2e-3 if n == "lr" else d for n, d in zip(names, init.__defaults__, strict=True)]
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    runs, said = rerun(tmp_path, fit_yaml)
+    assert trained(runs) == ["bank/seed0", "bank/seed1", "no-bank/seed0", "no-bank/seed1"]
+    assert said[0] == "bank/seed0: runs again: fit config changed: model.lr 0.0005 -> 0.002"
+    # a value edited in the fit YAML (same path, so the same commands) reruns every row
+    fit = yaml.safe_load(fit_yaml.read_text())
+    write_yaml(fit_yaml, {**fit, "model": {"weight_decay": 0.1}})
+    runs, said = rerun(tmp_path, fit_yaml)
+    assert len(trained(runs)) == 6
+    assert said[-1] == "lr/seed1: runs again: fit config changed: model.weight_decay 0.05 -> 0.1"
+
+
+def test_a_changed_model_config_default_reruns_the_rows_built_from_a_preset(
+    tmp_path, fit_yaml, monkeypatch
+):
+    rows = [{"name": "tiny"}, {"name": "clip", "overrides": {"model.preset": "clip4cir-tiny"}}]
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), rows).run_all()
+    init = CSMCIRConfig.__init__  # the tiny preset's config class; clip4cir has its own
+    names = list(inspect.signature(init).parameters)[-len(init.__defaults__) :]
+    defaults = [
+        True if n == "gradient_checkpointing" else d
+        for n, d in zip(names, init.__defaults__, strict=True)
+    ]
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    runs, said = rerun(tmp_path, fit_yaml, rows)
+    assert trained(runs) == ["tiny/seed0", "tiny/seed1"]
+    assert (
+        said[0]
+        == "tiny/seed0: runs again: model config changed: gradient_checkpointing false -> true"
+    )
+
+
+def test_cells_recorded_by_the_old_key_run_again_and_say_why(tmp_path, fit_yaml):
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), BANK_ROWS[:1]).run_all()
+    path = tmp_path / "out/cells/bank/seed0/result.json"
+    record = json.loads(path.read_text())
+    del record["key"]
+    path.write_text(json.dumps({**record, "spec": "0123456789abcdef"}))  # the old format
+    runs, said = rerun(tmp_path, fit_yaml, BANK_ROWS[:1])
+    assert trained(runs) == ["bank/seed0"]
+    assert said == [
+        "bank/seed0: runs again: recorded by an older csmcir ablate, whose key held the "
+        "commands only, not the resolved config"
+    ]
+
+
+def test_the_key_holds_the_version_eval_captions_and_starting_weights(tmp_path, fit_yaml):
+    key = {
+        "csmcir": "0.1.0",
+        "fit": {"model.lr": 0.001, "model.bank": None},
+        "model": {"tower": "shared"},
+        "eval": ["eval", "--split", "test"],
+        "captions": "aa",
+        "init_from": "ff",
+    }
+    ok = {"status": "ok", "key": key}
+    assert stale_reason(ok, key, force=False) is None
+    assert stale_reason(ok, key, force=True) == "--force"
+    assert stale_reason(None, key, force=False) == "no earlier run"
+    assert stale_reason({"status": "failed", "stage": "eval"}, key, False) == (
+        "its earlier run failed (eval)"
+    )
+    new = {
+        **key,
+        "csmcir": "0.2.0",
+        "fit": {"model.lr": 0.002, "model.bank.enabled": True, "model.bank.size": 8, "a.b": 1},
+        "model": {"tower": "separate"},
+        "eval": ["eval", "--split", "val"],
+        "captions": "bb",
+        "init_from": "ee",
+    }
+    assert stale_reason(ok, new, force=False) == (
+        "csmcir version changed: 0.1.0 -> 0.2.0; fit config changed: a.b (absent) -> 1, "
+        "model.bank null -> (absent), model.bank.enabled (absent) -> true and 2 more; "
+        'model config changed: tower "shared" -> "separate"; eval command changed; '
+        "caption file content changed; starting weights changed"
+    )
+
+
+def test_an_invalid_fit_setting_fails_its_rows_before_anything_runs(tmp_path, fit_yaml):
+    rows = [
+        {"name": "ok"},
+        {"name": "tower", "overrides": {"model.model_options": {"tower": "sideways"}}},
+        {"name": "typo", "overrides": {"model.bank": {"enabld": True}}},
+    ]
+    runs = FakeRuns()
+    records = fake_grid(tmp_path, fit_yaml, runs, rows).run_all()
+    assert trained(runs) == ["ok/seed0", "ok/seed1"]
+    failed = {r["variant"]: r for r in records if r["status"] == "failed"}
+    assert failed["tower"]["stage"] == "config"
+    assert failed["tower"]["error"] == [
+        "model config: tower must be one of shared, separate; got 'sideways'"
+    ]
+    assert failed["typo"]["stage"] == "config"
+    assert failed["typo"]["error"][0].startswith('csmcir fit: Parser key "model.bank":')
+    assert "Option 'enabld' is not accepted" in failed["typo"]["error"][0]
+
+
+def test_a_dry_run_says_which_cells_would_run_and_why(tmp_path, fit_yaml):
+    rows = [
+        {"name": "base", "captions": "mcot"},
+        {"name": "ft", "extends": "base", "init_from": "base", "overrides": {"model.lr": 0.01}},
+        {"name": "other"},
+        {"name": "bad", "overrides": {"model.model_options": {"tower": "sideways"}}},
+    ]
+    grid = fake_grid(tmp_path, fit_yaml, FakeRuns(), rows, variants=["ft", "other"])
+    reasons = {cell.key: reason for cell, _, _, reason in grid.plan()}
+    assert reasons == {
+        "base/seed0": "its caption file is built first",
+        "ft/seed0": "its starting run base/seed0 runs first",
+        "other/seed0": "no earlier run",
+        "base/seed1": "its caption file is built first",
+        "ft/seed1": "its starting run base/seed1 runs first",
+        "other/seed1": "no earlier run",
+    }
+    grid.run_all()
+    rows[2]["overrides"] = {"model.lr": 0.5}
+    grid = fake_grid(tmp_path, fit_yaml, FakeRuns(), rows)
+    reasons = {cell.key: reason for cell, _, _, reason in grid.plan()}
+    assert reasons["base/seed0"] is None and reasons["ft/seed1"] is None
+    assert reasons["other/seed0"] == "fit config changed: model.lr 0.0005 -> 0.5"
+    assert reasons["bad/seed0"] == (
+        "INVALID: model config: tower must be one of shared, separate; got 'sideways'"
+    )
+
+
+@pytest.mark.parametrize("name", ["fashioniq", "cirr"])
+def test_the_real_data_grids_pass_a_dry_run(name, tmp_path, monkeypatch, capsys):
+    """Every row of the shipped FashionIQ and CIRR grids is a valid ``csmcir fit`` (resolved by
+    the real parser and presets, in the subprocess a grid uses), before any data is there."""
+    monkeypatch.chdir(REPO)  # the grid's fit configs are relative to the repository
+    raw = yaml.safe_load((REPO / "configs" / "ablation" / f"{name}.yaml").read_text())
+    (tmp_path / "data").mkdir()
+    grid = write_yaml(tmp_path / "grid.yaml", {**raw, "root": str(tmp_path / "data")})
+    argv = ["ablate", "--config", str(grid), "--seeds", "0", "--out", str(tmp_path / "out")]
+    assert csmcir_cli.main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [line for line in lines if line.startswith("# ")]
+    assert [h.split("/seed0")[0] for h in heads] == [f"# {v['name']}" for v in raw["variants"]]
+    assert not any("INVALID" in h for h in heads)
+    assert sum(" -m csmcir fit --config " in line for line in lines) == len(raw["variants"])
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -536,9 +749,7 @@ def tiny_synthcir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
-    tiny_synthcir, tmp_path, capsys
-):
+def test_ablate_runs_a_grid_and_reports_the_failing_rows(tiny_synthcir, tmp_path, capsys):
     config = {
         "benchmark": "synthcir",
         "root": str(tiny_synthcir),
@@ -557,8 +768,13 @@ def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
         "eval": {"split": "test", "metrics": ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Avg"]},
         "variants": [
             {"name": "full", "label": "the tiny model", "captions": "mcot"},
-            {
+            {  # a valid command whose run fails: the module refuses the value
                 "name": "broken",
+                "extends": "full",
+                "overrides": {"model.temperature": 5.0},
+            },
+            {  # an invalid command: fails before anything runs
+                "name": "invalid",
                 "extends": "full",
                 "overrides": {"model.model_options": {"tower": "sideways"}},
             },
@@ -571,15 +787,23 @@ def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
 
     table = json.loads((out / "ablation.json").read_text())
     assert table["seeds"] == [0] and table["metrics"] == config["eval"]["metrics"]
-    full, broken = table["rows"]
+    full, broken, invalid = table["rows"]
     assert full["variant"] == "full" and full["status"] == "ok" and full["seeds_ok"] == [0]
     for spread in full["metrics"].values():
         assert 0.0 <= spread["mean"] <= 100.0 and spread["std"] is None
     assert broken["status"] == "failed" and broken["seeds_ok"] == []
     assert broken["seeds_failed"]["0"]["stage"] == "train"
-    assert "sideways" in broken["seeds_failed"]["0"]["error"]
+    assert "--model.temperature 5.0 must lie in" in broken["seeds_failed"]["0"]["error"]
+    assert invalid["seeds_failed"]["0"] == {
+        "stage": "config",
+        "error": "model config: tower must be one of shared, separate; got 'sideways'",
+    }
+    assert not (out / "cells" / "invalid" / "seed0" / "run").exists()
     cell = json.loads((out / "cells" / "full" / "seed0" / "result.json").read_text())
     assert cell["steps"] == 2 and cell["budget"]["data.batch_size"] == 8
+    # the key's fit config is the one the run saved, resolved before it ran
+    saved = out / "cells" / "full" / "seed0" / "run" / "logs" / "version_0" / "config.yaml"
+    assert cell["key"]["fit"] == flatten(yaml.safe_load(saved.read_text()))
     assert (out / "cells" / "broken" / "seed0" / "log.txt").is_file()
 
     text = (out / "ablation.md").read_text()
@@ -588,7 +812,7 @@ def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
     assert rows[0].startswith("| variant | what | regime | seeds ok | R@1 | R@5 |")
     assert rows[1].startswith("| full | the tiny model | from scratch | 1/1 |")
     assert rows[2].startswith("| broken |") and "| 0/1 | failed |" in rows[2]
-    assert "seed 0 failed (train):" in rows[2] and "sideways" in rows[2]
+    assert "seed 0 failed (train):" in rows[2] and "temperature" in rows[2]
 
     # a rerun of the finished row trains nothing: the stored cell is reused
     shutil.rmtree(out / "cells" / "broken")
@@ -596,3 +820,13 @@ def test_ablate_runs_a_two_variant_grid_and_reports_the_failing_one(
     assert csmcir_cli.main(argv_full) == 0
     assert "full/seed0: done earlier, skipped" in capsys.readouterr().out
     assert json.loads((out / "cells" / "full" / "seed0" / "result.json").read_text()) == cell
+    # its key, resolved in another process, is the same: a dry run says so too, and fails on
+    # the invalid row
+    assert csmcir_cli.main([*argv, "--dry-run"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "# full/seed0 (from scratch): reuses its finished run" in lines
+    assert "# broken/seed0 (from scratch): runs: no earlier run" in lines
+    assert "# invalid/seed0 (from scratch): runs: INVALID: model config: tower must be" in (
+        "\n".join(lines)
+    )
+    assert lines[-1] == "invalid settings in 1 of 3 runs (the INVALID lines above)"

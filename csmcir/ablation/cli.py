@@ -6,8 +6,11 @@ csmcir ablate --config configs/ablation/synthcir.yaml --variants full no-bank --
 Writes under --out (default: the config's ``out``, else runs/ablation/<config name>):
 ``ablation.md`` and ``ablation.json`` (the table), ``cells/<variant>/seed<N>/`` (each run's
 log.txt, result.json, run folder and eval.json) and ``captions/`` (caption files it built).
-A rerun skips cells that finished with the same commands; --force reruns them. The exit status is
-1 when any cell failed (the table still lists it, with its error).
+A rerun skips the cells that finished with the same key (the csmcir version, each run's fit
+config with every default filled in, its model config, eval command, captions and starting
+weights), says why it reruns the others, and --force reruns them all. --dry-run prints each cell's
+commands and whether it would run, and why. The exit status is 1 when any cell failed (the table
+still lists it, with its error), or, with --dry-run, when any cell's settings are invalid.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from csmcir.ablation.config import load_config
-from csmcir.ablation.runner import Grid
+from csmcir.ablation.runner import INVALID, Grid
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json, atomic_write_text
@@ -32,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
     p.add_argument("--variants", nargs="+", help="run only these (and what they start from)")
     p.add_argument("--force", action="store_true", help="rerun cells that already finished")
-    p.add_argument("--dry-run", action="store_true", help="print each run's commands and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each run's commands, whether it would run and why, and stop",
+    )
     p.add_argument("--timeout", type=float, help="seconds after which one command is killed")
 
 
@@ -52,10 +59,16 @@ def main(argv: list[str]) -> int:
     grid = Grid(config, out, seeds, args.variants, force=args.force, timeout=args.timeout)
     grid.check_inputs()
     if args.dry_run:
-        for cell, fit, evaluate in grid.plan():
-            print(f"# {cell.key} ({cell.variant.regime()})")
+        planned = grid.plan()
+        for cell, fit, evaluate, reason in planned:
+            todo = f"runs: {reason}" if reason else "reuses its finished run"
+            print(f"# {cell.key} ({cell.variant.regime()}): {todo}")
             print(shlex.join(fit))
             print(shlex.join(evaluate))
+        invalid = sum(bool(r and r.startswith(INVALID)) for *_, r in planned)
+        if invalid:
+            print(f"invalid settings in {invalid} of {len(planned)} runs (the INVALID lines above)")
+            return 1
         return 0
     records = grid.run_all()
     table = summarise(config, grid.variants, seeds, records)

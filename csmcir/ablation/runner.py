@@ -1,7 +1,10 @@
 """Run the grid: for each (seed, variant) cell, train with ``csmcir fit`` and score the result with
 ``csmcir eval``, each in a subprocess with its log kept, so a crash in one run cannot take the grid
-down. Each cell's outcome is one ``result.json`` written atomically at its end: a rerun skips the
-cells that finished with the same commands, and a killed cell simply runs again.
+down. Each cell's outcome is one ``result.json`` written atomically at its end, with the cell's key:
+what decides its outcome (the csmcir version, the fit config as LightningCLI resolves it with every
+default filled in, the model config, the eval command, the captions' content, the starting
+weights). A rerun skips the cells whose key is unchanged, says why it reruns the others, and a
+killed cell simply runs again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from csmcir import __version__
 from csmcir.ablation.config import (
     BUDGET_KEYS,
     AblationConfig,
@@ -31,9 +35,12 @@ from csmcir.ablation.config import (
 )
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json, read_json
+from csmcir.train.resolve import Resolved, resolve_in_subprocess
 
 LOG_TAIL = 20  # log lines kept in a failed cell's record
 RESULT = "result.json"
+SHOWN_CHANGES = 3  # changed settings named in a rerun's reason
+INVALID = "INVALID:"  # starts the dry-run reason of a cell whose fit command does not resolve
 
 
 def flag_value(value: Any) -> str:
@@ -119,6 +126,7 @@ class Grid:
         force: bool = False,
         timeout: float | None = None,
         run: Callable[[list[str], Path, float | None], tuple[int, float]] = run_logged,
+        resolve: Callable[[list[list[str]]], list[Resolved]] = resolve_in_subprocess,
     ) -> None:
         self.config = config
         self.out = out
@@ -127,8 +135,10 @@ class Grid:
         self.force = force
         self.timeout = timeout
         self.run = run
+        self.resolver = resolve
         self.root = config.root.resolve()
         self._captions: dict[str, Path | str] = {}  # name -> file, or the error that stopped it
+        self._resolved: dict[tuple[str, ...], Resolved] = {}  # fit command -> its resolution
 
     def check_inputs(self) -> None:
         """Stop before any run when the data or a fit config is missing: every cell needs them."""
@@ -294,17 +304,83 @@ class Grid:
     def cell_folder(self, variant: str, seed: int) -> Path:
         return self.out / "cells" / variant / f"seed{seed}"
 
-    def plan(self) -> list[tuple[Cell, list[str], list[str]]]:
-        """Each cell's fit and eval commands, without running anything (``--dry-run``)."""
-        planned = []
-        for cell in self.cells():
+    def plan(self) -> list[tuple[Cell, list[str], list[str], str | None]]:
+        """Each cell's fit and eval commands and why it would run (None: its finished result
+        would be reused), without running anything (``--dry-run``)."""
+        planned = self._commands(self.cells())
+        self.resolve([fit for _, fit, _ in planned])
+        reasons: dict[str, str | None] = {}
+        for cell, fit, evaluate in planned:
+            reasons[cell.key] = self._planned_reason(cell, fit, evaluate, reasons)
+        return [(c, fit, evaluate, reasons[c.key]) for c, fit, evaluate in planned]
+
+    def _commands(self, cells: list[Cell]) -> list[tuple[Cell, list[str], list[str]]]:
+        """Each cell's fit and eval commands, with its caption file and starting weights where
+        they are or will be."""
+        commands = []
+        for cell in cells:
             captions = self.caption_path(cell.variant.captions)
             parent = self.parent(cell)
             init_from = self.weights_dir(parent) if parent else None
-            planned.append(
-                (cell, self.fit_argv(cell, captions, init_from), self.eval_argv(cell, captions))
-            )
-        return planned
+            fit = self.fit_argv(cell, captions, init_from)
+            commands.append((cell, fit, self.eval_argv(cell, captions)))
+        return commands
+
+    def _planned_reason(
+        self, cell: Cell, fit: list[str], evaluate: list[str], earlier: dict[str, str | None]
+    ) -> str | None:
+        """Why ``cell`` would run, given what the cells before it would do."""
+        try:
+            self.resolved(fit)
+        except CellError as failure:
+            return f"{INVALID} {failure.error}"
+        parent = self.parent(cell)
+        if parent is not None and earlier[parent.key] is not None:
+            return f"its starting run {parent.key} runs first"
+        captions = self.caption_path(cell.variant.captions)
+        if captions is not None and not captions.is_file():
+            if self.config.captions[cell.variant.captions].file is None:
+                return "its caption file is built first"
+            return f"caption file {cell.variant.captions!r} not found: {captions} (make it first)"
+        fingerprint = self.read_result(parent.folder)["fingerprint"] if parent else None
+        key = self.cell_key(fit, evaluate, captions, fingerprint)
+        return stale_reason(self.read_result(cell.folder), key, self.force)
+
+    def resolve(self, fits: list[list[str]]) -> None:
+        """Resolve the fit commands not resolved yet, together (one subprocess by default)."""
+        todo = [c for c in dict.fromkeys(tuple(f[3:]) for f in fits) if c not in self._resolved]
+        if todo:
+            resolved = self.resolver([list(command) for command in todo])
+            self._resolved.update(zip(todo, resolved, strict=True))
+
+    def resolved(self, fit: list[str]) -> dict[str, Any]:
+        """The fit command's resolved fit and model configs; CellError when it is invalid."""
+        self.resolve([fit])
+        resolved = self._resolved[tuple(fit[3:])]
+        if isinstance(resolved, str):
+            raise CellError("config", resolved)
+        return resolved
+
+    def cell_key(
+        self,
+        fit: list[str],
+        evaluate: list[str],
+        captions: Path | None,
+        init_fingerprint: str | None,
+    ) -> dict[str, Any]:
+        """What decides a cell's outcome: the csmcir version, the fit config with every default
+        filled in, the model config, the eval command, the captions' content and the weights it
+        starts from (commands without the interpreter: ``python -m csmcir`` is not part of it).
+        Raises CellError when the fit command is invalid."""
+        resolved = self.resolved(fit)
+        return {
+            "csmcir": __version__,
+            "fit": flatten(resolved["fit"]),
+            "model": flatten(resolved["model"]) if resolved["model"] is not None else None,
+            "eval": evaluate[3:],
+            "captions": hashlib.sha256(captions.read_bytes()).hexdigest() if captions else None,
+            "init_from": init_fingerprint,
+        }
 
     # -- cells ----------------------------------------------------------------------------
 
@@ -313,30 +389,29 @@ class Grid:
         path = folder / RESULT
         return read_json(path, "ablation cell result") if path.is_file() else None
 
-    def run_cell(self, cell: Cell) -> tuple[dict[str, Any], bool]:
-        """The cell's record and whether it ran now (False: a finished result was reused)."""
+    def run_cell(self, cell: Cell, say: Callable[[str], Any] = print) -> tuple[dict, bool]:
+        """The cell's record and whether it ran now (False: a finished result was reused).
+        ``say`` gets one line on why a cell with an earlier result runs again."""
+        previous = self.read_result(cell.folder)
         try:
             captions = self.caption_file(cell.variant.captions)
             init_from, init_fingerprint = self.starting_weights(cell)
+            fit, evaluate = self.fit_argv(cell, captions, init_from), self.eval_argv(cell, captions)
+            key = self.cell_key(fit, evaluate, captions, init_fingerprint)
         except CellError as failure:
             record = self._record(cell, "failed", {}, stage=failure.stage, error=[failure.error])
             atomic_write_json(cell.folder / RESULT, record)
             return record, True
-        fit, evaluate = self.fit_argv(cell, captions, init_from), self.eval_argv(cell, captions)
-        spec = spec_digest(fit, evaluate, captions, init_fingerprint)
-        previous = self.read_result(cell.folder)
-        if (
-            not self.force
-            and previous is not None
-            and previous["status"] == "ok"
-            and previous["spec"] == spec
-        ):
+        reason = stale_reason(previous, key, self.force)
+        if reason is None:
             return previous, False
+        if previous is not None:
+            say(f"{cell.key}: runs again: {reason}")
         if cell.folder.exists():
             shutil.rmtree(cell.folder)  # a stale or failed run: start clean
         cell.folder.mkdir(parents=True)
         record = self._train_and_evaluate(cell, fit, evaluate)
-        record["spec"] = spec
+        record["key"] = key
         atomic_write_json(cell.folder / RESULT, record)
         return record, True
 
@@ -402,9 +477,10 @@ class Grid:
         records = []
         cells = self.cells()
         bar = tqdm(cells, desc="ablation", unit="run")
+        self.resolve([fit for _, fit, _ in self._commands(cells)])  # every cell's, in one go
         for cell in bar:
             bar.set_postfix_str(cell.key)
-            record, ran = self.run_cell(cell)
+            record, ran = self.run_cell(cell, bar.write)
             records.append(record)
             if not ran:
                 outcome = "done earlier, skipped"
@@ -440,11 +516,54 @@ def pick_metrics(metrics: dict[str, dict[str, float]], wanted: tuple[str, ...]) 
     return {m: row[m] for m in wanted or row}
 
 
-def spec_digest(
-    fit: list[str], evaluate: list[str], captions: Path | None, init_fingerprint: str | None
-) -> str:
-    """What decides a cell's outcome: both commands, the captions' content and the weights it
-    starts from."""
-    content = hashlib.sha256(captions.read_bytes()).hexdigest() if captions else None
-    blob = json.dumps([fit[1:], evaluate[1:], content, init_fingerprint])  # not sys.executable
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def stale_reason(previous: dict[str, Any] | None, key: dict[str, Any], force: bool) -> str | None:
+    """Why a cell runs (again); None when its earlier result holds for ``key``."""
+    if previous is None:
+        return "no earlier run"
+    if force:
+        return "--force"
+    if previous["status"] != "ok":
+        return f"its earlier run failed ({previous.get('stage')})"
+    old = previous.get("key")
+    if old is None:
+        return (
+            "recorded by an older csmcir ablate, whose key held the commands only, not the "
+            "resolved config"
+        )
+    return None if old == key else changes(old, key)
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two cell keys, on one line: ``fit config changed:
+    model.bank.open_entropy 0.4 -> 0.2``."""
+    said = []
+    if old.get("csmcir") != new["csmcir"]:
+        said.append(f"csmcir version changed: {old.get('csmcir')} -> {new['csmcir']}")
+    for part in ("fit", "model"):
+        before, after = old.get(part) or {}, new[part] or {}
+        changed = [
+            f"{k} {show(before, k)} -> {show(after, k)}"
+            for k in sorted(before.keys() | after.keys())
+            if before.get(k, ABSENT) != after.get(k, ABSENT)
+        ]
+        if changed:
+            more = len(changed) - SHOWN_CHANGES
+            tail = f" and {more} more" if more > 0 else ""
+            said.append(f"{part} config changed: {', '.join(changed[:SHOWN_CHANGES])}{tail}")
+    for part, what in (
+        ("eval", "eval command changed"),
+        ("captions", "caption file content changed"),
+        ("init_from", "starting weights changed"),
+    ):
+        if old.get(part) != new[part]:
+            said.append(what)
+    return "; ".join(said) or "its key changed"
+
+
+ABSENT = object()
+
+
+def show(settings: dict[str, Any], key: str) -> str:
+    """A setting's value as JSON (``"hardest"``, ``null``), or ``(absent)``."""
+    value = settings.get(key, ABSENT)
+    return "(absent)" if value is ABSENT else json.dumps(value)
