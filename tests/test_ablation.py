@@ -171,7 +171,8 @@ def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
         for suffix in ("", "_1200")
     )
     assert short.budget["trainer.max_steps"] == 480 and long.budget["trainer.max_steps"] == 1200
-    for name in ("csmcir", "clip4cir"):
+    assert [v.name for v in short.variants] == [v.name for v in long.variants]
+    for name in ("csmcir", "csmcir-no-bank", "clip4cir"):
         assert short.variant(name).overrides == long.variant(name).overrides, name
         assert short.variant(name).fit_config == long.variant(name).fit_config, name
 
