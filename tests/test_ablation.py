@@ -179,45 +179,45 @@ def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
 
 def test_the_shipped_configs_load_and_cover_the_issue_rows():
     shipped = {p.stem for p in (REPO / "configs" / "ablation").glob("*.yaml")}
-    assert {"synthcir", "fashioniq", "cirr", "synthcir_vs_clip4cir"} <= shipped
+    assert {"synthcir", "synthcir_bank", "fashioniq", "cirr", "synthcir_vs_clip4cir"} <= shipped
     for name in shipped:
         load_config(REPO / "configs" / "ablation" / f"{name}.yaml")
     config = load_config(REPO / "configs" / "ablation" / "synthcir.yaml")
     rows = {v.name: v for v in config.variants}
+    assert config.seeds == (0, 1, 2, 3, 4) and config.eval.paired == ("R@1", "Rsubset@1", "Avg")
+    assert rows["full"].overrides["model.bank"] == {"enabled": True, "open_entropy": 0.2}
+    assert rows["no-bank"].overrides["model.bank"] == {"enabled": False, "open_entropy": 0.2}
     assert rows["tower-separate"].overrides["model.model_options"] == {"tower": "separate"}
     assert rows["target-image-only"].overrides["model.model_options"] == {"target_text": "none"}
     assert config.captions["noisy-mcot"].oracle == {"style": "mcot", "noise": 0.3, "seed": 0}
     assert config.captions["plain"].oracle == {"style": "plain"}
-    assert rows["no-bank"].overrides["model.bank"] == {"enabled": False}
-    # the other parts are each removed from no-bank, with its MCoT captions unless they are the part
-    for name in ("tower-separate", "target-image-only", "plain-captions", "noisy-mcot"):
-        assert rows[name].overrides["model.bank"] == {"enabled": False}, name
+    # each part is removed from the full model, with its MCoT captions unless they are the part;
+    # image-only targets are token-level, which the bank does not take: that row leaves no-bank
+    for name in ("no-bank", "tower-separate", "plain-captions", "noisy-mcot"):
+        assert rows[name].compare_to == "full", name
+    for name in ("tower-separate", "plain-captions", "noisy-mcot"):
+        assert rows[name].overrides["model.bank"]["enabled"], name
+    assert rows["target-image-only"].compare_to == "no-bank"
+    assert not rows["target-image-only"].overrides["model.bank"]["enabled"]
     assert rows["tower-separate"].captions == "mcot" and rows["target-image-only"].captions is None
-    banks = {n: v.overrides.get("model.bank", {}) for n, v in rows.items()}
-    bank_rows = [n for n, bank in banks.items() if bank.get("enabled")]
-    assert {banks[n].get("selection", "hardest") for n in bank_rows} == {
-        "random",
-        "hardest",
-        "entropy",
-    }
-    assert {banks[n].get("window", "entropy") for n in bank_rows} == {"fixed", "entropy"}
-    assert rows["clip4cir"].fit_config == Path("configs/synthcir_clip4cir.yaml")
-    # every bank setting runs from scratch and fine-tuned from the one shared start (no-bank),
-    # the fine-tuning rows all on the memory-bank protocol (docs/memory_bank.md)
-    protocol = {
-        "trainer.max_steps": 1000,
-        "data.batch_size": 32,
-        "model.lr": 1.0e-4,
-        "model.warmup_steps": 0,
-    }
-    for name in ("no-bank", "full", "bank-random", "bank-select-entropy", "bank-window-fixed"):
-        scratch, tuned = rows[name], rows[f"ft-{name}"]
-        assert scratch.init_from is None and tuned.init_from == "no-bank"
-        assert tuned.overrides == {**scratch.overrides, **protocol}
-        assert tuned.captions == scratch.captions
-        assert set(tuned.changes_budget) == {"trainer.max_steps", "data.batch_size"}
-    assert rows["full"].compare_to == "no-bank" and rows["ft-full"].compare_to == "ft-no-bank"
-    assert config.eval.paired == "Avg"
+
+    # the bank's own grid shares the main grid's cells: its full and no-bank are the same runs
+    bank = load_config(REPO / "configs" / "ablation" / "synthcir_bank.yaml")
+    assert bank.out == config.out and bank.table != config.table
+    assert bank.budget == config.budget and bank.overrides == config.overrides
+    assert bank.captions["mcot"] == config.captions["mcot"]
+    for name in ("full", "no-bank"):
+        mine, theirs = bank.variant(name), config.variant(name)
+        assert (mine.overrides, mine.captions) == (theirs.overrides, theirs.captions), name
+    parts = {v.name: v.overrides["model.bank"] for v in bank.variants}
+    assert parts["gate-off"]["open_entropy"] is None and parts["offset-off"]["logit_offset"] == 0
+    assert parts["window-fixed"]["window"] == "fixed"
+    assert parts["select-entropy"]["selection"] == "entropy"
+    # batch 32 and 128 see the samples of the grid's 1,200 steps of 64
+    samples = config.budget["trainer.max_steps"] * config.budget["data.batch_size"]
+    for name in ("b32", "b32-no-bank", "b128", "b128-no-bank"):
+        v = bank.variant(name)
+        assert v.overrides["trainer.max_steps"] * v.overrides["data.batch_size"] == samples
 
 
 def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
@@ -369,18 +369,24 @@ def test_paired_differences_subtract_the_same_seed_and_count_signs(tmp_path, fit
     table = summarise(config, config.variants, [0, 1, 2], records)
     base, worse, better, lonely, plain = table["rows"]
     assert base["paired"] is None and plain["paired"] is None
-    assert lonely["paired"]["mean"] is None and lonely["paired"]["values"] == {}
-    assert worse["paired"]["metric"] == "Avg" and worse["paired"]["against"] == "base"
-    assert worse["paired"]["values"] == {"0": -3.0, "1": -1.0}  # seed 2 failed: not paired
-    assert worse["paired"]["mean"] == -2.0 and worse["paired"]["std"] == pytest.approx(2**0.5)
-    assert (worse["paired"]["lower"], worse["paired"]["higher"]) == (2, 0)
-    assert better["paired"]["mean"] == pytest.approx(4 / 3) and better["paired"]["higher"] == 2
+    (lonely_avg,) = lonely["paired"]
+    assert lonely_avg["mean"] is None and lonely_avg["values"] == {}
+    (worse_avg,) = worse["paired"]
+    assert worse_avg["metric"] == "Avg" and worse_avg["against"] == "base"
+    assert worse_avg["values"] == {"0": -3.0, "1": -1.0}  # seed 2 failed: not paired
+    assert worse_avg["mean"] == -2.0 and worse_avg["std"] == pytest.approx(2**0.5)
+    assert (worse_avg["lower"], worse_avg["higher"]) == (2, 0)
+    (better_avg,) = better["paired"]
+    assert better_avg["mean"] == pytest.approx(4 / 3) and better_avg["higher"] == 2
     text = markdown(table, "c", "m")
     header = next(line for line in text.splitlines() if line.startswith("| variant"))
-    assert "| Avg | paired Δ Avg | train s |" in header
-    assert "| -2.0 ± 1.4 vs base (2 of 2 lower) |" in text
-    assert "| 1.3 ± 2.1 vs base (2 of 3 higher) |" in text
-    assert "no seed of both rows finished (vs base)" in text
+    assert "| Avg | paired with | Δ Avg | train s |" in header
+    assert "| base | -2.0 ± 1.4 (2 of 2 lower) |" in text
+    assert "| base | 1.3 ± 2.1 (2 of 3 higher) |" in text
+    assert "| base | no seed of both rows finished |" in text
+    # and seed by seed, a blank where a seed of either row did not finish
+    assert "| worse | base | Avg | -3.0 | -1.0 |  |" in text
+    assert "| better | base | Avg | +2.0 | +3.0 | -1.0 |" in text
     # the paired row was not run at all (--variants without it)
     alone = summarise(config, [config.variant("worse")], [0], [ok_record("worse", 0, 0.0, 1.0)])
     assert "its compare_to row was not run" in markdown(alone, "c", "m")
@@ -388,8 +394,13 @@ def test_paired_differences_subtract_the_same_seed_and_count_signs(tmp_path, fit
         load(tmp_path, base_config(fit_yaml, [{"name": "a", "compare_to": "a"}]))
     with pytest.raises(ConfigError, match=r"eval\.paired: 'R@5' is not one of the metrics"):
         bad = base_config(fit_yaml, rows)
-        bad["eval"]["paired"] = "R@5"
+        bad["eval"]["paired"] = ["Avg", "R@5"]
         load(tmp_path, bad)
+    with pytest.raises(ConfigError, match=r"eval\.paired must be a metric or a list of metrics"):
+        bad["eval"]["paired"] = {"Avg": 1}
+        load(tmp_path, bad)
+    with pytest.raises(ConfigError, match=r"table must be a file name stem"):
+        load(tmp_path, {**base_config(fit_yaml, rows), "table": "../elsewhere"})
 
 
 def test_a_run_with_an_undeclared_budget_difference_is_flagged(tmp_path, fit_yaml):
@@ -815,11 +826,15 @@ def test_ablate_runs_a_grid_and_reports_the_failing_rows(tiny_synthcir, tmp_path
     assert rows[2].startswith("| broken |") and "| 0/1 | failed |" in rows[2]
     assert "seed 0 failed (train):" in rows[2] and "temperature" in rows[2]
 
-    # a rerun of the finished row trains nothing: the stored cell is reused
+    # a rerun of the finished row trains nothing: the stored cell is reused, also by another
+    # grid over the same out, which writes its own table beside the first
     shutil.rmtree(out / "cells" / "broken")
-    argv_full = [*argv, "--variants", "full"]
-    assert csmcir_cli.main(argv_full) == 0
+    other = {**config, "table": "other", "variants": config["variants"][:1]}
+    other_path = write_yaml(tmp_path / "other.yaml", other)
+    assert csmcir_cli.main(["ablate", "--config", str(other_path), "--out", str(out)]) == 0
     assert "full/seed0: done earlier, skipped" in capsys.readouterr().out
+    assert (out / "ablation.md").read_text() == text
+    assert json.loads((out / "other.json").read_text())["rows"][0]["seeds_ok"] == [0]
     assert json.loads((out / "cells" / "full" / "seed0" / "result.json").read_text()) == cell
     # its key, resolved in another process, is the same: a dry run says so too, and fails on
     # the invalid row

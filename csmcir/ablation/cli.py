@@ -4,8 +4,10 @@ csmcir ablate --config configs/ablation/synthcir.yaml --seeds 0 1 2
 csmcir ablate --config configs/ablation/synthcir.yaml --variants full no-bank --dry-run
 
 Writes under --out (default: the config's ``out``, else runs/ablation/<config name>):
-``ablation.md`` and ``ablation.json`` (the table), ``cells/<variant>/seed<N>/`` (each run's
-log.txt, result.json, run folder and eval.json) and ``captions/`` (caption files it built).
+``ablation.md`` and ``ablation.json`` (the table; the config's ``table`` key renames them, so
+grids that share an out keep their own tables and reuse each other's finished cells),
+``cells/<variant>/seed<N>/`` (each run's log.txt, result.json, run folder and eval.json) and
+``captions/`` (caption files it built).
 A rerun skips the cells that finished with the same key (the csmcir version, each run's fit
 config with every default filled in, its model config, eval command, captions and starting
 weights), says why it reruns the others, and --force reruns them all. --dry-run prints each cell's
@@ -75,13 +77,14 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["csmcir", "ablate", *argv])
     machine = describe_machine()
     table = {"command": command, "machine": machine, **table}
-    atomic_write_json(out / "ablation.json", table)
+    md, js = out / f"{config.table}.md", out / f"{config.table}.json"
+    atomic_write_json(js, table)
     text = markdown(table, command, machine)
-    atomic_write_text(out / "ablation.md", text)
+    atomic_write_text(md, text)
     print()
     print(text)
     failed = [r for r in records if r["status"] != "ok"]
-    print(f"table: {out / 'ablation.md'} and {out / 'ablation.json'}")
+    print(f"table: {md} and {js}")
     if failed:
         print(f"{len(failed)} of {len(records)} runs failed; their errors are in the notes column")
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,8 @@ class EvalSpec:
     weights: str = "model"
     metrics: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
-    paired: str | None = None
-    """The metric of the paired-difference column (default: Avg if listed, else the first)."""
+    paired: tuple[str, ...] = ()
+    """The metrics of the paired-difference columns (default: Avg if listed, else the first)."""
 
 
 @dataclass
@@ -106,6 +107,10 @@ class AblationConfig:
     seeds: tuple[int, ...] = (0,)
     out: Path | None = None
     keep_checkpoints: bool = False
+    table: str = "ablation"
+    """Name of the table files (``<table>.md``, ``<table>.json``) under ``out``: grids that share
+    an ``out`` share its finished cells (a variant name must mean the same run in each) and keep
+    their own tables."""
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -207,6 +212,7 @@ def load_config(path: str | Path) -> AblationConfig:
         "seeds",
         "out",
         "keep_checkpoints",
+        "table",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -247,6 +253,7 @@ def load_config(path: str | Path) -> AblationConfig:
         seeds=_seeds(raw.get("seeds", [0]), where("seeds")),
         out=Path(raw["out"]) if raw.get("out") else None,
         keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
+        table=_table_name(raw.get("table", "ablation"), where("table")),
     )
     for v in config.variants:
         _overrides(deep_merge(overrides, v.overrides), f"{where('variants')}.{v.name}.overrides")
@@ -317,16 +324,28 @@ def _eval_spec(value: Any, where: str) -> EvalSpec:
             f"got {weights!r}"
         )
     metrics = tuple(str(m) for m in value.get("metrics") or ())
-    paired = value.get("paired")
-    if paired is not None and metrics and paired not in metrics:
-        raise ConfigError(f"{where}.paired: {paired!r} is not one of the metrics ({metrics})")
+    paired = value.get("paired") or ()
+    paired = (paired,) if isinstance(paired, str) else paired
+    if not isinstance(paired, list | tuple) or not all(isinstance(m, str) for m in paired):
+        raise ConfigError(f"{where}.paired must be a metric or a list of metrics, got {paired!r}")
+    for metric in paired:
+        if metrics and metric not in metrics:
+            raise ConfigError(f"{where}.paired: {metric!r} is not one of the metrics ({metrics})")
     return EvalSpec(
         split=str(value["split"]),
         weights=weights,
         metrics=metrics,
         args=tuple(str(a) for a in value.get("args") or ()),
-        paired=None if paired is None else str(paired),
+        paired=tuple(paired),
     )
+
+
+def _table_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
+        raise ConfigError(
+            f"{where} must be a file name stem (letters, digits, _ and -), got {value!r}"
+        )
+    return value
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:

@@ -51,10 +51,11 @@ def summarise(
                 "unequal_budget": _unequal(v, ok, reference),
             }
         )
-    paired = config.eval.paired or ("Avg" if "Avg" in metrics else (metrics or [None])[0])
+    paired = list(config.eval.paired) or (["Avg"] if "Avg" in metrics else metrics[:1])
     by_name = {row["variant"]: row for row in rows}
     for v, row in zip(variants, rows, strict=True):
-        row["paired"] = _paired(row, by_name.get(v.compare_to), paired) if v.compare_to else None
+        other = by_name.get(v.compare_to)
+        row["paired"] = [_paired(row, other, m) for m in paired] if v.compare_to else None
     return {
         "benchmark": config.benchmark,
         "config": str(config.path),
@@ -62,6 +63,7 @@ def summarise(
         "budget": config.budget,
         "seeds": seeds,
         "metrics": metrics,
+        "paired": paired,
         "rows": rows,
         "cells": records,
     }
@@ -84,10 +86,10 @@ def _spread(per_seed: dict[int, float | None]) -> dict[str, Any]:
     }
 
 
-def _paired(row: dict[str, Any], other: dict[str, Any] | None, metric: str | None) -> dict:
+def _paired(row: dict[str, Any], other: dict[str, Any] | None, metric: str) -> dict:
     """``row - other`` on ``metric``, seed by seed, over the seeds both finished."""
     diffs: dict[int, float] = {}
-    if other is not None and metric is not None:
+    if other is not None:
         mine, theirs = row["metrics"][metric]["values"], other["metrics"][metric]["values"]
         for seed, value in mine.items():
             if value is not None and theirs.get(seed) is not None:
@@ -102,20 +104,37 @@ def _paired(row: dict[str, Any], other: dict[str, Any] | None, metric: str | Non
     }
 
 
-def fmt_paired(paired: dict[str, Any] | None) -> str:
-    """``-3.1 ± 0.4 vs no-bank (3 of 3 lower)``; empty for a row without ``compare_to``."""
-    if paired is None:
-        return ""
+def fmt_paired(paired: dict[str, Any]) -> str:
+    """``-3.1 ± 0.4 (3 of 3 lower)``."""
     if paired["against"] is None:
         return "its compare_to row was not run"
     if paired["mean"] is None:
-        return f"no seed of both rows finished (vs {paired['against']})"
+        return "no seed of both rows finished"
     n = len(paired["values"])
     if paired["mean"] > 0:
         sign = f"{paired['higher']} of {n} higher"
     else:
         sign = f"{paired['lower']} of {n} lower"
-    return f"{fmt(paired)} vs {paired['against']} ({sign})"
+    return f"{fmt(paired)} ({sign})"
+
+
+def _by_seed(table: dict[str, Any]) -> list[str]:
+    """The paired differences seed by seed, one line per row and metric: what the means hide."""
+    rows = [r for r in table["rows"] if r.get("paired") and r["paired"][0]["against"]]
+    if not rows:
+        return []
+    seeds = [str(s) for s in table["seeds"]]
+    header = ["variant", "vs", "Δ", *(f"seed {s}" for s in seeds)]
+    lines = ["", "Paired differences by seed (row minus its compare_to row):", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        for p in row["paired"]:
+            values = [p["values"].get(s) for s in seeds]
+            shown = ["" if v is None else f"{v:+.1f}" for v in values]
+            lines.append(
+                "| " + " | ".join([row["variant"], p["against"], p["metric"], *shown]) + " |"
+            )
+    return lines
 
 
 def _reference_budget(variants: list[Variant], records: list[dict]) -> dict[str, Any] | None:
@@ -169,9 +188,10 @@ def markdown(table: dict[str, Any], command: str, machine: str) -> str:
         f"Machine: {machine}",
         "",
     ]
-    paired = next((r["paired"]["metric"] for r in table["rows"] if r.get("paired")), None)
+    compared = any(row.get("paired") for row in table["rows"])
+    paired = table.get("paired", []) if compared else []
     header = ["variant", "what", "regime", "seeds ok", *table["metrics"]]
-    header += [f"paired Δ {paired}"] if paired else []
+    header += ["paired with", *(f"Δ {m}" for m in paired)] if paired else []
     header += ["train s", "notes"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
@@ -182,15 +202,18 @@ def markdown(table: dict[str, Any], command: str, machine: str) -> str:
         ]
         notes += [f"budget changed: {k}={v}" for k, v in row["budget_changes"].items()]
         notes += [f"UNEQUAL BUDGET: {k}={v}" for k, v in row["unequal_budget"].items()]
+        deltas = row.get("paired") or []
         cells = [
             row["variant"],
             row["label"],
             row["regime"],
             f"{len(row['seeds_ok'])}/{tried}",
             *(fmt(row["metrics"][m]) for m in table["metrics"]),
-            *([fmt_paired(row.get("paired"))] if paired else []),
+            *([(deltas[0]["against"] or "") if deltas else ""] if paired else []),
+            *((fmt_paired(d) for d in deltas) if deltas else [""] * len(paired)),
             "" if row["train_s_mean"] is None else f"{row['train_s_mean']:.0f}",
             "; ".join(notes),
         ]
         lines.append("| " + " | ".join(cell_text(c) for c in cells) + " |")
+    lines += _by_seed(table)
     return "\n".join(lines) + "\n"
