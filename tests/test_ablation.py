@@ -558,7 +558,7 @@ class ChangedBank(MemoryBankConfig):
     """MemoryBankConfig after the code changed a default (at module level: the fit parser finds
     the class by its import path)."""
 
-    open_entropy: float | None = 0.2
+    open_entropy: float | None = 0.3
 
 
 def trained(runs: FakeRuns) -> list[str]:
@@ -587,11 +587,11 @@ def test_a_changed_memory_bank_default_reruns_the_bank_rows_only(tmp_path, fit_y
     runs, said = rerun(tmp_path, fit_yaml)
     assert trained(runs) == ["bank/seed0", "bank/seed1"]
     assert said == [
-        f"bank/seed{s}: runs again: fit config changed: model.bank.open_entropy 0.4 -> 0.2"
+        f"bank/seed{s}: runs again: fit config changed: model.bank.open_entropy 0.2 -> 0.3"
         for s in (0, 1)
     ]
     record = json.loads((tmp_path / "out/cells/bank/seed0/result.json").read_text())
-    assert record["key"]["fit"]["model.bank.open_entropy"] == 0.2
+    assert record["key"]["fit"]["model.bank.open_entropy"] == 0.3
     assert record["key"]["fit"]["model.bank.selection"] == "hardest"  # every bank setting
     assert record["key"]["model"]["qformer.hidden_size"] == 64  # the tiny preset's model config
     assert rerun(tmp_path, fit_yaml)[0].calls == []

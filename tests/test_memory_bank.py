@@ -396,7 +396,7 @@ def test_entropy_gate_stays_shut_while_uncertain_then_latches_open() -> None:
     again = bank.extra_negatives(**hook, in_batch_logits=uniform, step=2)  # H back at 1: latched
     assert again["stats"]["bank/open"] == 1.0 and "extra_logits" in again
     assert int(bank.opened_at) == 1
-    assert MemoryBankConfig().open_entropy == 0.4  # shut at random init by default
+    assert MemoryBankConfig().open_entropy == 0.2  # shut at random init by default
 
 
 # ---------------------------------------------------------------- helpers and diagnostics

@@ -77,11 +77,11 @@ class MemoryBankConfig:
     None is off."""
     start_step: int = 0
     """First global step at which the bank is read and written."""
-    open_entropy: float | None = 0.4
-    """The bank opens (and stays open) once the entropy EMA has fallen to this. A randomly
-    initialised shared encoder starts collapsed (H near 1): detached negatives then take over the
-    softmax and drag the whole output cloud away, so the bank waits until in-batch training has
-    made the model confident. None: open from ``start_step``."""
+    open_entropy: float | None = 0.2
+    """The bank opens (and stays open) once the entropy EMA has fallen to this. Before the model
+    has found the look-alike groups, the hardest entries pull queries the wrong way (open from step
+    1 the bank slows training), so it waits until in-batch training has made the model confident
+    (docs/memory_bank.md). None: open from ``start_step``."""
     probe_every: int = 20
     """Steps between probe-set drift measurements; 0 switches the probe off."""
     probe_size: int = 64
