@@ -384,9 +384,12 @@ def test_paired_differences_subtract_the_same_seed_and_count_signs(tmp_path, fit
     assert "| base | -2.0 ± 1.4 (2 of 2 lower) |" in text
     assert "| base | 1.3 ± 2.1 (2 of 3 higher) |" in text
     assert "| base | no seed of both rows finished |" in text
-    # and seed by seed, a blank where a seed of either row did not finish
-    assert "| worse | base | Avg | -3.0 | -1.0 |  |" in text
-    assert "| better | base | Avg | +2.0 | +3.0 | -1.0 |" in text
+    # and seed by seed, a blank where a seed of either row did not finish, with the mean's
+    # Student-t 95% interval (t 0.975 at 1 and 2 degrees of freedom: 12.706 and 4.303)
+    assert "| worse | base | Avg | -3.0 | -1.0 |  | -2.0 | -14.7 to +10.7 |" in text
+    assert "| better | base | Avg | +2.0 | +3.0 | -1.0 | +1.3 | -3.8 to +6.5 |" in text
+    assert worse_avg["ci95"] == pytest.approx([-2 - 12.7062, -2 + 12.7062], abs=1e-3)
+    assert better_avg["ci95"] == pytest.approx([4 / 3 - 5.1721, 4 / 3 + 5.1721], abs=1e-3)
     # the paired row was not run at all (--variants without it)
     alone = summarise(config, [config.variant("worse")], [0], [ok_record("worse", 0, 0.0, 1.0)])
     assert "its compare_to row was not run" in markdown(alone, "c", "m")
