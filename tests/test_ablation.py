@@ -406,6 +406,28 @@ def test_paired_differences_subtract_the_same_seed_and_count_signs(tmp_path, fit
         load(tmp_path, {**base_config(fit_yaml, rows), "table": "../elsewhere"})
 
 
+def test_several_paired_metrics_give_one_column_each(tmp_path, fit_yaml):
+    raw = base_config(fit_yaml, [{"name": "base"}, {"name": "other", "compare_to": "base"}])
+    raw["eval"]["paired"] = ["R@1", "Avg"]
+    config = load(tmp_path, raw)
+    assert config.eval.paired == ("R@1", "Avg")
+    records = [
+        ok_record("base", 0, 10.0, 50.0),
+        ok_record("base", 1, 20.0, 10.0),
+        ok_record("other", 0, 14.0, 47.0),  # R@1 +4, Avg -3
+        ok_record("other", 1, 22.0, 9.0),  # R@1 +2, Avg -1
+    ]
+    table = summarise(config, config.variants, [0, 1], records)
+    r1, avg = table["rows"][1]["paired"]
+    assert (r1["metric"], r1["values"], r1["higher"]) == ("R@1", {"0": 4.0, "1": 2.0}, 2)
+    assert (avg["metric"], avg["values"], avg["lower"]) == ("Avg", {"0": -3.0, "1": -1.0}, 2)
+    text = markdown(table, "c", "m")
+    assert "| Avg | paired with | Δ R@1 | Δ Avg | train s |" in text
+    assert "| base | 3.0 ± 1.4 (2 of 2 higher) | -2.0 ± 1.4 (2 of 2 lower) |" in text
+    assert "| other | base | R@1 | +4.0 | +2.0 | +3.0 |" in text
+    assert "| other | base | Avg | -3.0 | -1.0 | -2.0 |" in text
+
+
 def test_a_run_with_an_undeclared_budget_difference_is_flagged(tmp_path, fit_yaml):
     config = load(tmp_path, base_config(fit_yaml, [{"name": "a"}, {"name": "b"}]))
     records = [ok_record("a", 0, 1.0, 1.0), ok_record("b", 0, 1.0, 1.0, steps=7)]
