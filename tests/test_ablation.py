@@ -213,11 +213,29 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
     assert parts["gate-off"]["open_entropy"] is None and parts["offset-off"]["logit_offset"] == 0
     assert parts["window-fixed"]["window"] == "fixed"
     assert parts["select-entropy"]["selection"] == "entropy"
+    assert parts["reference-kept"]["exclude_reference"] is False
     # batch 32 and 128 see the samples of the grid's 1,200 steps of 64
     samples = config.budget["trainer.max_steps"] * config.budget["data.batch_size"]
     for name in ("b32", "b32-no-bank", "b128", "b128-no-bank"):
         v = bank.variant(name)
         assert v.overrides["trainer.max_steps"] * v.overrides["data.batch_size"] == samples
+
+    # the budget check reuses the grid's full runs and varies nothing but the step count
+    budget = load_config(REPO / "configs" / "ablation" / "synthcir_budget.yaml")
+    assert budget.out == config.out and budget.table not in (config.table, bank.table)
+    assert (budget.budget, budget.overrides) == (config.budget, config.overrides)
+    full = config.variant("full")
+    assert (budget.variant("full").overrides, budget.variant("full").captions) == (
+        full.overrides,
+        full.captions,
+    )
+    for name, steps in (("full-600", 600), ("full-2400", 2400)):
+        v = budget.variant(name)
+        assert v.overrides == {
+            **full.overrides,
+            "trainer.max_steps": steps,
+            "trainer.val_check_interval": steps,
+        }, name
 
 
 def test_a_mapping_override_merges_into_the_fit_configs_mapping(tmp_path):
