@@ -388,7 +388,7 @@ def example_searches(
     model = CSMCIR.from_pretrained(model_dir).to(args.device).eval()
     index = GalleryIndex.load(index_dir, model)
     paths, said = [], []
-    for name, query in [*picks.items(), ("miss", first_miss(scored, rng))]:
+    for name, query in [*picks.items(), ("miss", a_miss(scored, rng))]:
         if query is None:
             continue
         reference = load_image(split.image_path(query.reference))
@@ -405,14 +405,13 @@ def example_searches(
     return paths, f"target ranks: {', '.join(said)}; grids in {pictures}"
 
 
-def first_miss(scored, rng: random.Random):
-    """A query (in a seeded order) whose target is not ranked first, or None."""
-    from csmcir.evaluation.metrics import target_ranks
+def a_miss(scored, rng: random.Random):
+    """One query, drawn by ``rng``, whose target the metrics do not rank first; None if none."""
+    from csmcir.evaluation.protocols import main_target_ranks
 
-    prepared = scored.prepared
-    targets = [prepared.gallery_index[q.target] for q in prepared.split.queries]
-    ranks = target_ranks(scored.scores, targets, exclude=prepared.exclude)
-    missed = [q for q, r in zip(prepared.split.queries, ranks.tolist(), strict=True) if r > 1]
+    queries = scored.prepared.split.queries
+    ranks = main_target_ranks(scored.scores, scored.prepared)
+    missed = [q for q, r in zip(queries, ranks.tolist(), strict=True) if r > 1]
     return rng.choice(missed) if missed else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ import torch
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.errors import ConfigError
 from csmcir.evaluation.bounds import text_blind_scores
-from csmcir.evaluation.protocols import by_type, compute, prepare, query_groups, top1_in_subset
+from csmcir.evaluation.protocols import (
+    by_type,
+    compute,
+    main_target_ranks,
+    prepare,
+    query_groups,
+    top1_in_subset,
+)
+from csmcir.evaluation.runner import SplitScores
+from csmcir.quickstart import a_miss
 
 GALLERY = ["r1", "a", "b", "c", "r2", "d"]
 
@@ -75,6 +85,15 @@ def test_per_type_ties_follow_the_whole_splits_tie_break():
     types, total = by_type(flat, prepared, seed=3), compute(flat, prepared, seed=3)
     weighted = sum(types[t]["Rsubset@1"] * types[t]["queries"] for t in ("add", "change", "remove"))
     assert weighted / len(QUERIES) == pytest.approx(total["Rsubset@1"])
+
+
+def test_main_target_ranks_by_hand_and_the_quickstarts_miss_is_one_of_them():
+    prepared = prepare(split(QUERIES))
+    assert main_target_ranks(SCORES, prepared).tolist() == [1, 2, 4, 1]
+    scored = SplitScores(prepared, SCORES, gallery_from_cache=False)
+    assert {a_miss(scored, random.Random(seed)).query_id for seed in range(20)} == {"1", "2"}
+    hits_only = SplitScores(prepare(split(QUERIES[::3])), SCORES[[0, 3]], gallery_from_cache=False)
+    assert a_miss(hits_only, random.Random(0)) is None
 
 
 def test_per_type_metrics_need_the_cirr_protocol():

@@ -183,7 +183,7 @@ def top1_in_subset(scores: torch.Tensor, prepared: Prepared, seed: int = 0) -> d
         [j for j in _subset(prepared, q) if j != prepared.exclude[i]] for i, q in enumerate(queries)
     ]
     in_subset = target_ranks(scores, members, exclude=prepared.exclude, seed=seed) <= 1
-    hits = target_ranks(scores, _main_targets(prepared), exclude=prepared.exclude, seed=seed) <= 1
+    hits = main_target_ranks(scores, prepared, seed) <= 1
     found = int(in_subset.sum())
     return {
         "top-1 in subset": 100.0 * found / len(queries),
@@ -199,13 +199,18 @@ def _main_targets(p: Prepared) -> list[int]:
     return [p.index_of(q.targets[0], q, "target") for q in p.split.queries]
 
 
+def main_target_ranks(scores: torch.Tensor, p: Prepared, seed: int = 0) -> torch.Tensor:
+    """Each query's rank of its (first) target in the whole gallery, under the split's protocol:
+    reference excluded where it asks, ties broken as the metrics break them."""
+    return target_ranks(scores, _main_targets(p), exclude=p.exclude, seed=seed)
+
+
 def _cirr_ranks(scores: torch.Tensor, p: Prepared, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's target rank in the gallery and inside its subset."""
-    targets = _main_targets(p)
     subsets = [_subset(p, q) for q in p.split.queries]
     return (
-        target_ranks(scores, targets, exclude=p.exclude, seed=seed),
-        target_ranks(scores, targets, exclude=p.exclude, seed=seed, subsets=subsets),
+        main_target_ranks(scores, p, seed),
+        target_ranks(scores, _main_targets(p), exclude=p.exclude, seed=seed, subsets=subsets),
     )
 
 
