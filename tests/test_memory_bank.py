@@ -132,6 +132,17 @@ def test_entropy_window_follows_the_ema() -> None:
     assert bank.window() == pytest.approx(10.0, abs=1e-4)
 
 
+def test_the_default_window_is_fixed_while_the_entropy_still_drives_the_gate() -> None:
+    """Measured level with the entropy window behind the gate (docs/memory_bank.md), the plain
+    window is the default; the entropy EMA it no longer reads still opens the bank."""
+    config = MemoryBankConfig(enabled=True, size=4)
+    assert (config.window, config.selection) == ("fixed", "hardest")
+    bank = MemoryBank(config, dim=2)
+    assert bank.window() == config.max_age == 50  # H = 1 at the start: no effect on the window
+    bank.observe(torch.tensor([[50.0, 0.0, 0.0]]))
+    assert bank.window() == 50 and bank.entropy_ema.item() == pytest.approx(0.9)
+
+
 def test_entropy_window_evicts_when_the_model_turns_uncertain() -> None:
     bank = make_bank(size=8, window="entropy", min_age=1, max_age=5, entropy_momentum=0.0)
     bank.observe(torch.tensor([[50.0, 0.0]]))  # confident: window 5

@@ -6,7 +6,7 @@ written, and only if they cannot take over the softmax: detached negatives recei
 a bank that holds most of the softmax mass drags the whole shared output cloud with it (the
 measured collapse). The bank therefore (1) keeps a fixed-capacity ring buffer of detached,
 L2-normalised target embeddings with their image id and write step, (2) uses only entries younger
-than an age window that an EMA of the in-batch prediction entropy sets, (3) picks per-query
+than an age window (fixed, or set by an EMA of the in-batch prediction entropy), (3) picks per-query
 negatives (all, random, hardest, or entropy-scaled hardest) after removing likely false negatives,
 and (4) returns bank logits with a logit offset (and optionally a hard cap) that bounds the bank's
 share of the softmax. Every operation is a tensor op over the whole buffer: no Python loop over
@@ -52,11 +52,14 @@ class MemoryBankConfig:
     """Per-query negatives: all live entries, ``top_k`` random, ``top_k`` hardest, or hardest with
     k scaled by the query's confidence (``entropy``)."""
     top_k: int = 64
-    window: Window = "entropy"
-    """``fixed``: entries up to ``max_age`` steps old are live. ``entropy``: the window moves
-    between ``min_age`` and ``max_age`` with the EMA of the normalised in-batch entropy."""
+    window: Window = "fixed"
+    """``fixed``: entries up to ``max_age`` steps old are live. ``entropy`` (the method's
+    definition): the window moves between ``min_age`` and ``max_age`` with the EMA of the
+    normalised in-batch entropy. ``fixed`` is the default because behind the entropy gate the two
+    differ by at most 10 steps of age and measured level (docs/memory_bank.md)."""
     min_age: int = 2
-    """A_min: the window of a maximally uncertain model (H = 1); 0 switches the bank off then."""
+    """A_min (``entropy`` window): the window of a maximally uncertain model (H = 1); 0 switches
+    the bank off then."""
     max_age: int | None = 50
     """A_max: the window of a fully confident model; None means no age limit (``fixed`` only)."""
     entropy_momentum: float = 0.9
