@@ -132,9 +132,9 @@ def test_entropy_window_follows_the_ema() -> None:
     assert bank.window() == pytest.approx(10.0, abs=1e-4)
 
 
-def test_the_default_window_is_fixed_while_the_entropy_still_drives_the_gate() -> None:
+def test_the_default_window_is_fixed_while_the_entropy_ema_is_still_tracked() -> None:
     """Measured level with the entropy window behind the gate (docs/memory_bank.md), the plain
-    window is the default; the entropy EMA it no longer reads still opens the bank."""
+    window is the default; the entropy EMA it no longer reads is still kept, for the gate."""
     config = MemoryBankConfig(enabled=True, size=4)
     assert (config.window, config.selection) == ("fixed", "hardest")
     bank = MemoryBank(config, dim=2)

@@ -207,10 +207,11 @@ def main_target_ranks(scores: torch.Tensor, p: Prepared, seed: int = 0) -> torch
 
 def _cirr_ranks(scores: torch.Tensor, p: Prepared, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's target rank in the gallery and inside its subset."""
+    targets = _main_targets(p)
     subsets = [_subset(p, q) for q in p.split.queries]
     return (
-        main_target_ranks(scores, p, seed),
-        target_ranks(scores, _main_targets(p), exclude=p.exclude, seed=seed, subsets=subsets),
+        target_ranks(scores, targets, exclude=p.exclude, seed=seed),
+        target_ranks(scores, targets, exclude=p.exclude, seed=seed, subsets=subsets),
     )
 
 
