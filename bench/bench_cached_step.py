@@ -45,9 +45,10 @@ from tqdm import tqdm
 from bench.bench_memory_bank import build_model, corpus
 from bench.feature_data import PATHS, endless, loader, synthetic_cache, triplets
 from bench.report import device_label, section_name, update_section
+from csmcir.data.batches import collate
 from csmcir.model import CSMCIR
 from csmcir.model.config import CSMCIRConfig
-from csmcir.train.datasets import TrainTriplets, collate
+from csmcir.train.datasets import TrainTriplets
 from csmcir.train.loss import info_nce
 from csmcir.train.module import adamw
 

@@ -14,10 +14,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from csmcir.data.batches import collate
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.io import atomic_write_json
-from csmcir.model.features import FORMAT_VERSION, META_FILE, FeatureCache, _write_shard
-from csmcir.train.datasets import CachedFeatures, TrainTriplets, collate
+from csmcir.model.features import (
+    FORMAT_VERSION,
+    META_FILE,
+    CachedFeatures,
+    FeatureCache,
+    _write_shard,
+)
+from csmcir.train.datasets import TrainTriplets
 from csmcir.train.sampler import EpochShuffleSampler
 
 VITG_FEATURES = (257, 1408)

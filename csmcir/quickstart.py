@@ -244,8 +244,8 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
     """The model of these settings: reused, resumed after an interruption, or trained (over one
     trained with other settings only with --retrain or --overwrite)."""
     from csmcir.io import atomic_write_json, read_json
+    from csmcir.model.run_folder import FINAL_MODEL, LAST_CKPT, MODEL_CONFIG, earlier_run
     from csmcir.train.cli import run as fit
-    from csmcir.train.run_folder import FINAL_MODEL, LAST_CKPT, MODEL_CONFIG, earlier_run
 
     model_dir = args.run_dir / FINAL_MODEL
     wanted = training_settings(args)

@@ -93,7 +93,7 @@ def test_every_documented_run_folder_command_runs(quickstart_layout, monkeypatch
 
 
 def test_model_folder_takes_a_run_folder_for_its_model(tmp_path: Path, capsys):
-    from csmcir.train.run_folder import model_folder
+    from csmcir.model.run_folder import model_folder
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from csmcir.data.batches import BatchBuffers
 from csmcir.errors import ConfigError
 from csmcir.evaluation.runner import score_split
 from csmcir.model import CSMCIR
-from csmcir.model.features import FeatureCache, _runs, extract_features
+from csmcir.model.features import CachedFeatures, FeatureCache, _runs, extract_features
 from csmcir.train.datamodule import CIRDataModule
-from csmcir.train.datasets import BatchBuffers, CachedFeatures
 from csmcir.train.module import CSMCIRModule, adamw
 
 pytestmark = pytest.mark.usefixtures("one_thread")

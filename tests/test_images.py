@@ -64,7 +64,7 @@ def test_data_check_names_the_bomb(synth_with_bomb, capsys):
 
 
 def test_training_reads_name_the_bomb(synth_with_bomb):
-    from csmcir.train.datasets import ImageSource
+    from csmcir.data.batches import ImageSource
 
     _, victim = synth_with_bomb
     source = ImageSource({"victim": victim}, lambda image: image)

@@ -9,19 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from csmcir.data.batches import ImageSource, InMemoryImages, collate
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.errors import ConfigError
 from csmcir.train.datamodule import PLANS, CIRDataModule, caption_command
-from csmcir.train.datasets import (
-    GALLERY,
-    QUERY,
-    ImageSource,
-    InMemoryImages,
-    TrainTriplets,
-    ValidationItems,
-    collate,
-    sample_rng,
-)
+from csmcir.train.datasets import GALLERY, QUERY, TrainTriplets, ValidationItems, sample_rng
 from csmcir.train.sampler import EpochShuffleSampler
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from csmcir.data.images import ImageTooLargeError, load_image
 from csmcir.errors import ConfigError, DataError
+from csmcir.model.run_folder import model_folder
 from csmcir.model.tokenizer import describe_cut
 from csmcir.retrieval.index import GalleryIndex
-from csmcir.train.run_folder import model_folder
 
 DEFAULT_MAX_UPLOAD_MB = 10.0
 MAX_K = 50

@@ -19,7 +19,7 @@ from csmcir.evaluation import protocols, submission
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.evaluation.runner import score_split
 from csmcir.io import atomic_write_json, read_json
-from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
+from csmcir.model.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
 
 DEFAULT_SPLIT = {"shoes": "test", "fashion200k": "test"}  # the others: val
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")

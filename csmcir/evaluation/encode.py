@@ -22,10 +22,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from csmcir.data.batches import BatchedImages, ImageSource
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.io import atomic_write_bytes
-from csmcir.train.datasets import BatchedImages, CachedFeatures, ImageSource
-from csmcir.train.run_folder import model_folder
+from csmcir.model.features import CachedFeatures
+from csmcir.model.run_folder import model_folder
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
 CACHE_VERSION = "1"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from csmcir.data.batches import BatchBuffers
 from csmcir.data.images import load_image
 from csmcir.errors import DataError
 from csmcir.io import atomic_write, atomic_write_json, read_json
@@ -150,6 +151,25 @@ class FeatureCache:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without its memory maps (DataLoader workers under spawn reopen them)."""
         return {**self.__dict__, "_arrays": {}}
+
+
+class CachedFeatures:
+    """Image ids -> float16 frozen-ViT features ``[B, patches, hidden]`` from a feature cache:
+    the :class:`~csmcir.data.batches.BatchSource` that training and evaluation read it through."""
+
+    model_input = "vision_features"
+
+    def __init__(self, cache: FeatureCache, paths: dict[str, Path]) -> None:
+        self.cache = cache
+        self.buffers = BatchBuffers()
+        self.add(paths)
+
+    def add(self, paths: dict[str, Path]) -> None:
+        self.cache.require(list(paths))
+
+    def batch(self, image_ids: Sequence[str]) -> torch.Tensor:
+        shape = (len(image_ids), *self.cache.feature_shape)
+        return self.cache.get(image_ids, out=self.buffers.take(shape, torch.float16))
 
 
 def _runs(rows: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:

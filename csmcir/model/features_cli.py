@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from csmcir.errors import ConfigError, DataError
-from csmcir.train.run_folder import model_folder
+from csmcir.model.run_folder import model_folder
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:

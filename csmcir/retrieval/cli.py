@@ -17,8 +17,8 @@ from pathlib import Path
 from csmcir.data.captions import load_captions
 from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
+from csmcir.model.run_folder import model_folder
 from csmcir.retrieval.index import KINDS, GalleryIndex
-from csmcir.train.run_folder import model_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

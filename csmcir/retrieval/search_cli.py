@@ -18,10 +18,10 @@ from csmcir.data.images import load_image
 from csmcir.data.layout import first_few
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.evaluation.encode import pick_device
+from csmcir.model.run_folder import model_folder
 from csmcir.model.tokenizer import describe_cut
 from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
-from csmcir.train.run_folder import model_folder
 
 
 def main(argv: list[str]) -> int:

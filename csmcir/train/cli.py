@@ -33,10 +33,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
 
 from csmcir.errors import ConfigError, warn
+from csmcir.model.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
 from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import ExportModel, NamedCheckpointIO, unreadable_checkpoint
 from csmcir.train.module import CSMCIRModule
-from csmcir.train.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
 from csmcir.train.validation import SCORE
 
 

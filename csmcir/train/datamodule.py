@@ -20,17 +20,13 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
+from csmcir.data.batches import BatchSource, ImageSource, InMemoryImages
 from csmcir.data.captions import load_captions
 from csmcir.data.layout import first_few
 from csmcir.data.records import CIRSplit
 from csmcir.errors import ConfigError, DataError
-from csmcir.train.datasets import (
-    CachedFeatures,
-    ImageSource,
-    InMemoryImages,
-    TrainTriplets,
-    ValidationItems,
-)
+from csmcir.model.features import CachedFeatures
+from csmcir.train.datasets import TrainTriplets, ValidationItems
 from csmcir.train.sampler import EpochShuffleSampler
 
 
@@ -175,7 +171,7 @@ class CIRDataModule(L.LightningDataModule):
         self.captions: dict[str, str] | None = None
         self.model = None
         self.needs_captions = False
-        self._images: ImageSource | CachedFeatures | None = None
+        self._images: BatchSource | None = None
         self._resume: tuple[int, int] | None = None
 
     # -- loading --------------------------------------------------------------------------
@@ -287,9 +283,7 @@ class CIRDataModule(L.LightningDataModule):
         """The encode_query/encode_target keyword the batches' image tensors feed."""
         return (CachedFeatures if self.features is not None else ImageSource).model_input
 
-    def _image_source(
-        self, splits: list[CIRSplit], queries_only: bool = False
-    ) -> ImageSource | CachedFeatures:
+    def _image_source(self, splits: list[CIRSplit], queries_only: bool = False) -> BatchSource:
         """The images of ``splits`` (only their queries' references and targets when
         ``queries_only``: training never sees a distractor), added to those already available."""
         if self.model is None:

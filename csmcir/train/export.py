@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json
-from csmcir.train.run_folder import BEST_MODEL, FINAL_MODEL
+from csmcir.model.run_folder import BEST_MODEL, FINAL_MODEL
 
 CHECKPOINT_KEY = "csmcir"
 RECORD_FILE = "training.json"

@@ -201,7 +201,7 @@ class CSMCIRModule(L.LightningModule):
     def _build_model(self, datamodule):
         from csmcir.model import CSMCIR
         from csmcir.model.registry import load_preset
-        from csmcir.train.run_folder import model_folder
+        from csmcir.model.run_folder import model_folder
 
         hp = self.hparams
         options = dict(hp.model_options or {})
