@@ -27,7 +27,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     TokenizersBackend,
 )
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+from transformers.models.auto.tokenization_auto import (
+    TOKENIZER_MAPPING_NAMES,
+    tokenizer_class_from_name,
+)
 
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import read_json
@@ -138,11 +141,11 @@ def describe_cut(text: str, kept: str, shown: int = 60) -> str:
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved in ``folder`` (ours or a BLIP-2 download), offline.
+    """Load the tokenizer saved in ``folder`` (ours or a BLIP-2 / BERT download), offline.
 
-    The class comes from the tokenizer's own ``tokenizer_config.json``. ``AutoTokenizer`` would
-    read the folder's model ``config.json`` first, and on a CSMCIR folder (``model_type:
-    csmcir``, unknown to transformers) that printed a spurious "model of type csmcir" warning.
+    The class is the one ``AutoTokenizer`` would pick (:func:`tokenizer_class`), found without
+    ``AutoTokenizer``: on a CSMCIR folder (``model_type: csmcir``, unknown to transformers) it
+    printed a spurious "model of type csmcir" warning on every load.
     """
     folder = Path(folder)
     missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
@@ -150,20 +153,43 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         missing.append(" or ".join(VOCAB_FILES))
     if missing:
         raise DataError(f"tokenizer files missing in {folder}: {', '.join(missing)}")
-    settings = read_json(folder / "tokenizer_config.json", "tokenizer config")
-    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
-    if name is None:
-        cls = TokenizersBackend if (folder / "tokenizer.json").is_file() else BertTokenizer
-    else:
-        cls = tokenizer_class_from_name(name)
-        if cls is None:
-            raise DataError(
-                f"{folder / 'tokenizer_config.json'} names tokenizer_class {name!r}, which this "
-                "transformers does not have"
-            )
-    tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = tokenizer_class(folder).from_pretrained(str(folder), local_files_only=True)
     check_tokenizer(tokenizer, str(folder))
     return tokenizer
+
+
+def tokenizer_class(folder: Path) -> type[PreTrainedTokenizerBase]:
+    """The class ``AutoTokenizer`` would load ``folder`` with.
+
+    In order: the ``tokenizer_class`` of ``tokenizer_config.json`` (what ``save_pretrained`` and
+    ``Blip2Processor`` write); the tokenizer of the ``model_type`` in the folder's
+    ``config.json`` (the hub's ``google-bert/bert-base-uncased`` names no class: its
+    ``tokenizer_config.json`` is only ``{"do_lower_case": true, "model_max_length": 512}``);
+    BERT for a bare WordPiece ``vocab.txt``. The generic ``TokenizersBackend`` is the last
+    resort: it knows no special-token roles, so a BERT folder loaded with it has no [CLS].
+    """
+    settings = read_json(folder / "tokenizer_config.json", "tokenizer config")
+    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    where = f"{folder / 'tokenizer_config.json'} names tokenizer_class {name!r}"
+    if name is None:
+        model = (
+            read_json(folder / "config.json", "model config")
+            if (folder / "config.json").is_file()
+            else {}
+        )
+        model_type = model.get("model_type") if isinstance(model, dict) else None
+        # blip-2's entry is its language model's tokenizer, not the Q-Former's BERT
+        if model_type != "blip-2" and TOKENIZER_MAPPING_NAMES.get(model_type):
+            name = TOKENIZER_MAPPING_NAMES[model_type]
+            where = f"{folder / 'config.json'}: model_type {model_type!r} has tokenizer {name!r}"
+        elif (folder / "vocab.txt").is_file():
+            return BertTokenizer
+        else:
+            return TokenizersBackend
+    cls = tokenizer_class_from_name(name)
+    if cls is None:
+        raise DataError(f"{where}, which this transformers does not have")
+    return cls
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
