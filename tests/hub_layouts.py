@@ -13,11 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers import processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 # BERT's order: [PAD] 0, unused rows, [UNK], [CLS], [SEP], [MASK] (100-103 in the real file).
 SPECIALS = ("[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+NAMED = tuple(t for t in SPECIALS if not t.startswith("[unused"))
 WORDS = ("make", "the", "red", "circle", "blue", "remove", "small", "green", "square", "add")
 DEC = "[DEC]"
 
@@ -40,8 +48,8 @@ def tokenizer_json(vocab: list[str], added: tuple[str, ...] = ()) -> str:
         pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
     )
-    specials = [t for t in SPECIALS if not t.startswith("[unused")] + list(added)
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    specials = [AddedToken(t, normalized=False, special=True) for t in (*NAMED, *added)]
+    tok.add_special_tokens(specials)
     return tok.to_str(pretty=True)
 
 
@@ -87,8 +95,10 @@ def blip2_itm_tokenizer_files(words=WORDS) -> dict[str, str]:
             "single_word": False,
             "special": True,
         }
-        for i, t in [*((vocab.index(t), t) for t in SPECIALS if "unused" not in t)]
-        + [(len(vocab), DEC)]
+        for i, t in [
+            *((vocab.index(t), t) for t in SPECIALS if "unused" not in t),
+            (len(vocab), DEC),
+        ]
     }
     settings = {
         "added_tokens_decoder": added,
