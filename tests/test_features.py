@@ -89,35 +89,86 @@ def test_stale_cache_is_refused(tmp_path, model, val_split) -> None:
     assert len(FeatureCache.open(tmp_path / "cache", trained)) == 3
 
 
+class CountedViT:
+    """``model.vision_features`` that counts the images it runs and raises KeyboardInterrupt on
+    batch number ``crash_on`` (1-based), as an interrupted extraction would."""
+
+    def __init__(self, model: CSMCIR, crash_on: int | None = None) -> None:
+        self.real, self.crash_on, self.batches, self.images = model.vision_features, crash_on, 0, 0
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        if self.batches == self.crash_on:
+            raise KeyboardInterrupt
+        self.images += len(pixels)
+        return self.real(pixels)
+
+
 def test_extraction_resumes_after_a_crash(tmp_path, model, val_split, monkeypatch) -> None:
     paths = paths_of(val_split)
     clean = extract_features(model, paths, tmp_path / "clean", shard_size=4, progress=False)
+    options = {"batch_size": 2, "shard_size": 4, "progress": False}
 
-    real_run = features_module._run_vit
-    calls = []
-
-    def crash_on_third_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(features_module, "_run_vit", crash_on_third_shard)
+    monkeypatch.setattr(model, "vision_features", CountedViT(model, crash_on=6))
     with pytest.raises(KeyboardInterrupt):
-        extract_features(model, paths, tmp_path / "resumed", shard_size=4, progress=False)
+        extract_features(model, paths, tmp_path / "resumed", **options)
     partial = FeatureCache.open(tmp_path / "resumed", model)
-    assert len(partial) == 8  # two complete shards survived
-    monkeypatch.setattr(features_module, "_run_vit", real_run)
-    done = []
-    monkeypatch.setattr(
-        features_module,
-        "_run_vit",
-        lambda model, paths, *a: done.append(len(paths)) or real_run(model, paths, *a),
-    )
-    resumed = extract_features(model, paths, tmp_path / "resumed", shard_size=4, progress=False)
-    assert sum(done) == len(paths) - 8  # only the rest was computed
+    assert len(partial) == 8  # two complete shards survived, the third's 2 rows did not
+    counted = CountedViT(model)
+    monkeypatch.setattr(model, "vision_features", counted)
+    resumed = extract_features(model, paths, tmp_path / "resumed", **options)
+    assert counted.images == len(paths) - 8  # only the rest was computed
     ids = list(paths)
     assert torch.equal(resumed.get(ids), clean.get(ids))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_pipelined_extraction_writes_the_vits_rows(tmp_path, model, val_split, workers) -> None:
+    """Decoding workers, the non-blocking hand-off and the writer thread change no byte: shards
+    (their boundaries off the batches') hold ``vision_features`` of each batch, in order."""
+    paths = paths_of(val_split)
+    ids = list(paths)
+    folder = tmp_path / "cache"
+    extract_features(
+        model, paths, folder, batch_size=3, shard_size=5, workers=workers, progress=False
+    )
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                model.vision_features(model.preprocess([load_image(paths[i]) for i in batch]))
+                for batch in (ids[k : k + 3] for k in range(0, len(ids), 3))
+            ]
+        ).half()
+    shards = sorted((folder / "shards").glob("*.npy"))
+    assert len(shards) == -(-len(ids) // 5)
+    rows = np.concatenate([np.load(s) for s in shards])
+    assert rows.tobytes() == expected.numpy().tobytes()
+    assert FeatureCache.open(folder, model).ids() == ids
+
+
+def test_a_failing_shard_write_is_raised_in_the_caller(tmp_path, model, val_split, monkeypatch):
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(features_module, "_write_shard", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        extract_features(model, paths_of(val_split), tmp_path / "c", shard_size=2, progress=False)
+
+
+def test_sdpa_attention_gives_the_eager_vits_features(model, val_split) -> None:
+    """The ViT runs torch's fused attention (SDPA) by default; it computes what the eager
+    matmul-softmax-matmul computes."""
+    assert model.vision_model.config._attn_implementation == "sdpa"
+    paths = list(paths_of(val_split).values())[:4]
+    pixels = model.preprocess([load_image(p) for p in paths])
+    with torch.no_grad():
+        sdpa = model.vision_features(pixels)
+        model.vision_model.config._attn_implementation = "eager"
+        try:
+            eager = model.vision_features(pixels)
+        finally:
+            model.vision_model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-4)
 
 
 def test_missing_ids_and_folders_are_errors(tmp_path, model, val_split) -> None:
@@ -187,3 +238,20 @@ def test_cli_reads_model_and_data_from_a_fit_config(tmp_path, model, model_dir, 
     assert code == 0
     val = load_split("synthcir", synth_root, "val").referenced_images()
     assert sorted(FeatureCache.open(out, model).ids()) == sorted(val)
+
+
+def test_extraction_defaults_keep_a_gpu_busy_and_flags_win() -> None:
+    from argparse import Namespace
+
+    from csmcir.model.features_cli import GPU_BATCH, gpu_defaults
+
+    unset = {"batch_size": None, "workers": None, "precision": None}
+    gpu = gpu_defaults(Namespace(device="cuda:0", **unset), "fp32")
+    assert gpu["batch_size"] == GPU_BATCH and gpu["precision"] == "bf16" and gpu["workers"] >= 1
+    assert gpu_defaults(Namespace(device="cpu", **unset), "fp32") == {
+        "batch_size": 32,
+        "workers": 0,
+        "precision": "fp32",
+    }
+    given = {"batch_size": 8, "workers": 3, "precision": "fp16"}
+    assert gpu_defaults(Namespace(device="cuda", **given), "fp32") == given
