@@ -10,6 +10,7 @@ import torch
 
 from csmcir import cli as csmcir_cli
 from csmcir.data.synth import SynthConfig, generate
+from csmcir.threads import LANES_ENV, available_cores
 from csmcir.train.datamodule import caption_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,14 @@ def shared_benchmarks() -> Path:
     if not SHARED_BENCHMARKS.is_dir():
         pytest.skip(f"real annotation files not found at {SHARED_BENCHMARKS}")
     return SHARED_BENCHMARKS
+
+
+@pytest.fixture(autouse=True)
+def fits_share_the_cores(monkeypatch):
+    """A ``csmcir fit`` inside a test takes one thread, as if one of a grid's lanes per core:
+    the suite shares a small machine with other work, where two threads ran several times
+    slower (a test of the thread rule itself sets its own)."""
+    monkeypatch.setenv(LANES_ENV, str(available_cores()))
 
 
 @pytest.fixture

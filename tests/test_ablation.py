@@ -8,6 +8,7 @@ import inspect
 import itertools
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -560,6 +561,37 @@ def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):
     runs.calls.clear()
     fake_grid(tmp_path, fit_yaml, runs, changed, variants=["base"], force=True).run_all()
     assert sum(c[3] == "fit" for c in runs.calls) == 2
+
+
+class SideBySide(FakeRuns):
+    """Each fit waits for a second fit to start beside it: run one at a time, it would fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=30)
+
+    def __call__(self, argv: list[str], log: Path, timeout: float | None) -> tuple[int, float]:
+        if argv[3] == "fit":
+            self.barrier.wait()
+        return super().__call__(argv, log, timeout)
+
+
+def test_lanes_run_cells_side_by_side_after_the_cells_they_start_from(tmp_path, fit_yaml):
+    runs = SideBySide()
+    grid = fake_grid(tmp_path, fit_yaml, runs, VARIANTS[:2])
+    assert [[c.key for c in wave] for wave in grid.waves(grid.cells())] == [
+        ["base/seed0", "base/seed1"],
+        ["ft/seed0", "ft/seed1"],
+    ]
+    records = grid.run_all(lanes=2)
+    assert [(r["variant"], r["seed"], r["status"]) for r in records] == [
+        ("base", 0, "ok"),
+        ("ft", 0, "ok"),
+        ("base", 1, "ok"),
+        ("ft", 1, "ok"),
+    ]
+    fits = [c[c.index("--trainer.default_root_dir") + 1] for c in runs.calls if c[3] == "fit"]
+    assert sorted(Path(f).parts[-3] for f in fits[:2]) == ["base", "base"]
 
 
 def test_a_failed_start_fails_the_runs_that_fine_tune_from_it(tmp_path, fit_yaml):

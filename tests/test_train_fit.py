@@ -18,6 +18,7 @@ from csmcir import cli as csmcir_cli
 from csmcir.data.registry import load_split
 from csmcir.errors import DataError
 from csmcir.model import CSMCIR
+from csmcir.threads import LANES_ENV
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
 from csmcir.train.export import NamedCheckpointIO, model_from_checkpoint
@@ -216,6 +217,25 @@ def test_missing_captions_give_the_command_that_makes_them(
     assert not (tmp_path / "logs").exists()
     assert csmcir_cli.main(fit_args(synthcir, None, tmp_path / "new")) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_fit_uses_every_core_alone_and_its_share_in_a_grid(
+    synthcir: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setattr("csmcir.train.cli.available_cores", lambda: 4)
+    # each run stops at the missing captions, after it set and printed its threads
+    monkeypatch.setenv(LANES_ENV, "2")
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path)) == 2
+    assert "torch threads: 2 (4 cores shared by 2 runs side by side)" in capsys.readouterr().out
+    assert torch.get_num_threads() == 2
+    monkeypatch.delenv(LANES_ENV)
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path)) == 2
+    assert "torch threads: 4 (all 4 cores this process may use)" in capsys.readouterr().out
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path, "--threads", "1")) == 2
+    assert "torch threads: 1 (set by --threads)" in capsys.readouterr().out
+    assert torch.get_num_threads() == 1
+    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path, "--threads", "0")) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_wrong_config_keys_are_named(synthcir: Path, tmp_path: Path, capsys):

@@ -29,6 +29,7 @@ from csmcir.ablation.runner import INVALID, Grid
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json, atomic_write_text
+from csmcir.threads import LANES_ENV, available_cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print each run's commands, whether it would run and why, and stop",
     )
     p.add_argument("--timeout", type=float, help="seconds after which one command is killed")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        help="runs side by side (default 1); each run's torch threads are the cores divided by "
+        "the lanes (docs/ablation.md)",
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +65,8 @@ def main(argv: list[str]) -> int:
     seeds = list(dict.fromkeys(args.seeds or config.seeds))
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    if args.lanes < 1:
+        raise ConfigError(f"--lanes must be at least 1, got {args.lanes}")
     out = args.out or config.out or Path("runs") / "ablation" / args.config.stem
     grid = Grid(config, out, seeds, args.variants, force=args.force, timeout=args.timeout)
     grid.check_inputs()
@@ -72,7 +82,8 @@ def main(argv: list[str]) -> int:
             print(f"invalid settings in {invalid} of {len(planned)} runs (the INVALID lines above)")
             return 1
         return 0
-    records = grid.run_all()
+    os.environ[LANES_ENV] = str(args.lanes)  # each fit divides the cores by it
+    records = grid.run_all(args.lanes)
     table = summarise(config, grid.variants, seeds, records)
     command = shlex.join(["csmcir", "ablate", *argv])
     machine = describe_machine()
@@ -100,7 +111,7 @@ def describe_machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = available_cores()
     return (
         f"{platform.system()} {platform.machine()}, {cpu}, {threads} CPU threads, "
         f"Python {platform.python_version()}, torch {version('torch')}"

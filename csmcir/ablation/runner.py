@@ -14,8 +14,10 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,7 @@ class Grid:
         self.resolver = resolve
         self.root = config.root.resolve()
         self._captions: dict[str, Path | str] = {}  # name -> file, or the error that stopped it
+        self._caption_lock = threading.Lock()
         self._resolved: dict[tuple[str, ...], Resolved] = {}  # fit command -> its resolution
 
     def check_inputs(self) -> None:
@@ -253,8 +256,9 @@ class Grid:
         """The variant's caption file, built on first need; raises CellError if it cannot be."""
         if name is None:
             return None
-        if name not in self._captions:
-            self._captions[name] = self._build_captions(self.config.captions[name])
+        with self._caption_lock:  # lanes that need the same file build it once
+            if name not in self._captions:
+                self._captions[name] = self._build_captions(self.config.captions[name])
         made = self._captions[name]
         if isinstance(made, str):
             raise CellError("captions", made)
@@ -472,16 +476,18 @@ class Grid:
             "log": str(cell.log),
         }
 
-    def run_all(self) -> list[dict[str, Any]]:
-        """Every cell, with a progress bar; a failed cell is recorded and the grid goes on."""
-        records = []
+    def run_all(self, lanes: int = 1) -> list[dict[str, Any]]:
+        """Every cell, up to ``lanes`` side by side, with a progress bar; a failed cell is
+        recorded and the grid goes on. A cell that starts from another's weights runs in a
+        later wave than that cell; the records come back in :meth:`cells` order."""
         cells = self.cells()
-        bar = tqdm(cells, desc="ablation", unit="run")
+        bar = tqdm(total=len(cells), desc="ablation", unit="run")
         self.resolve([fit for _, fit, _ in self._commands(cells)])  # every cell's, in one go
-        for cell in bar:
-            bar.set_postfix_str(cell.key)
+        records: dict[str, dict[str, Any]] = {}
+
+        def one(cell: Cell) -> None:
             record, ran = self.run_cell(cell, bar.write)
-            records.append(record)
+            records[cell.key] = record
             if not ran:
                 outcome = "done earlier, skipped"
             elif record["status"] == "ok":
@@ -490,7 +496,29 @@ class Grid:
                 error = (record["error"] or [""])[-1]
                 outcome = f"FAILED ({record['stage']}): {error}"
             bar.write(f"{cell.key}: {outcome}")
-        return records
+            bar.update()
+
+        with ThreadPoolExecutor(max_workers=lanes) as pool:
+            for wave in self.waves(cells):
+                list(pool.map(one, wave))  # list(): a bug in a lane is raised here
+        bar.close()
+        return [records[cell.key] for cell in cells]
+
+    def waves(self, cells: list[Cell]) -> list[list[Cell]]:
+        """``cells`` in groups that may run side by side: each cell one wave after the cell
+        whose weights it starts from (its ``init_from``), in the order given within a wave."""
+        depth: dict[str, int] = {}
+
+        def level(cell: Cell) -> int:
+            if cell.key not in depth:
+                parent = self.parent(cell)
+                depth[cell.key] = 0 if parent is None else level(parent) + 1
+            return depth[cell.key]
+
+        grouped: dict[int, list[Cell]] = {}
+        for cell in cells:
+            grouped.setdefault(level(cell), []).append(cell)
+        return [grouped[d] for d in sorted(grouped)]
 
 
 class CellError(Exception):

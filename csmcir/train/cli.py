@@ -34,6 +34,7 @@ from lightning.pytorch.plugins import CheckpointIO
 
 from csmcir.errors import ConfigError, warn
 from csmcir.model.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
+from csmcir.threads import available_cores, describe_threads, lanes_from_env, torch_threads
 from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import ExportModel, NamedCheckpointIO, unreadable_checkpoint
 from csmcir.train.module import CSMCIRModule
@@ -60,8 +61,8 @@ class CSMCIRCLI(LightningCLI):
             "--threads",
             type=int | None,
             default=None,
-            help="torch CPU threads per process (default: torch's choice). On a small, shared "
-            "CPU, 1 avoids the thread contention that slows the tiny model several-fold",
+            help="torch CPU threads (default: every core this process may use, divided by "
+            "CSMCIR_LANES, the runs a grid puts side by side; csmcir ablate --lanes sets it)",
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -84,10 +85,10 @@ class CSMCIRCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True
-        if config.get("threads") is not None:
-            if config["threads"] < 1:
-                raise ConfigError(f"--threads must be at least 1, got {config['threads']}")
-            torch.set_num_threads(config["threads"])
+        cores, lanes, explicit = available_cores(), lanes_from_env(), config.get("threads")
+        threads = torch_threads(cores, lanes, explicit)
+        torch.set_num_threads(threads)
+        print(describe_threads(threads, cores, lanes, explicit), flush=True)
 
     def _claim_run_dir(self) -> None:
         """A finished run is never overwritten silently: a new fit would replace its model/ and
