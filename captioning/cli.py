@@ -111,13 +111,15 @@ def make_backend(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from captioning.runner import run_captioning
-    from captioning.store import CaptionStore, Shard
+    from captioning.store import CaptionStore, Shard, run_identity
     from captioning.targets import gallery_images
     from csmcir.data import registry
+    from csmcir.outputs import CAPTION_SHARDS, claim, file_digest
 
     if args.max_attempts < 1:
         raise ConfigError("--max-attempts must be at least 1")
     registry.spec(args.benchmark)  # an unknown name is reported before anything slow runs
+    claim(args.out, CAPTION_SHARDS, flag="--out")  # a new folder, or one of caption run's
     shard = Shard.parse(args.shard)
     levels = tuple(lv.strip() for lv in args.levels.split(",") if lv.strip())
     spec = PromptSpec(args.domain or domain_for(args.benchmark), args.style, levels, args.max_words)
@@ -137,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
         )
     ids = list(images)
     backend.check(spec, ids)
+    fingerprints = {i: file_digest(path) for i, path in images.items()}
+    identity = run_identity(args.benchmark, args.root, args.split, fingerprints, **options)
     with CaptionStore(args.out, shard) as store:
-        store.check_settings(spec.version, backend.model, ids)
+        store.check_settings(spec.version, backend.model, ids, identity, fingerprints)
         if store.repaired:
             print(f"cut a torn last line in {store.path} (killed run); that image is redone")
         todo = store.pending(ids, retry_failed=args.retry_failed)

@@ -1,8 +1,11 @@
 """Merging a caption store's shards into the one caption file training and evaluation read.
 
-The merged file maps image id -> ``{"levels", "Final_Caption", "prompt_version", "model"}`` and
-holds captions only: failures go to a sibling ``<name>.failures.json`` with their reasons, and
-images with no record at all are an error unless the caller accepts a partial file.
+The merged file maps image id -> ``{"levels", "Final_Caption", "prompt_version", "model",
+"image_sha256"}`` and holds captions only, under a provenance record (``"@csmcir"``: the
+benchmark, its root and split, the run): failures go to a sibling ``<name>.failures.json`` with
+their reasons, and images with no record at all are an error unless the caller accepts a
+partial file. Only the shards of the folder's own run are merged: a record of an image that
+``run.json`` does not list, or stamped by another run, is refused with its shard file named.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from captioning.prompts import FINAL_KEY
-from captioning.store import MANIFEST, latest, read_folder, shard_files
+from captioning.store import MANIFEST, RUN_KEY, describe_run, latest, read_shard, shard_files
+from csmcir.data.captions import IMAGE_KEY
+from csmcir.data.layout import first_few
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, read_json
+from csmcir.outputs import CAPTION_FILE, RECORD_KEY, claim, record
 
 
 @dataclass
@@ -62,7 +68,18 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
     shards = shard_files(folder)
     if not shards:
         raise DataError(f"{folder} holds no caption shards (shard-*-of-*.jsonl)")
-    records, torn = read_folder(folder)
+    manifest_path = folder / MANIFEST
+    manifest = read_json(manifest_path, "caption run manifest") if manifest_path.exists() else {}
+    made = merged_identity(folder, manifest.get("identity"))
+    claim(
+        out,
+        CAPTION_FILE,
+        flag="--out",
+        reads={"the shard folder": folder},
+        identity=made,
+        other_identity="refuse",
+    )
+    records, torn = read_own_shards(folder, shards, manifest)
     best = latest(records)
     settings = {(r["prompt_version"], r["model"]) for r in best.values() if r["status"] == "ok"}
     if len(settings) > 1:
@@ -70,12 +87,7 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
             f"{folder} mixes captions made with different prompt versions or models "
             f"{sorted(settings)}; merge each setting from its own folder"
         )
-    manifest_path = folder / MANIFEST
-    expected = (
-        read_json(manifest_path, "caption run manifest")["image_ids"]
-        if (manifest_path.exists())
-        else sorted(best)
-    )
+    expected = manifest.get("image_ids") or sorted(best)
     missing = [i for i in expected if i not in best]
     if missing and not allow_partial:
         raise DataError(
@@ -97,13 +109,56 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
                 "prompt_version": rec["prompt_version"],
                 "model": rec["model"],
             }
+            if IMAGE_KEY in rec:
+                captions[image_id][IMAGE_KEY] = rec[IMAGE_KEY]
         else:
             failures[image_id] = {
                 k: rec[k]
                 for k in ("reason", "reasons", "attempts", "prompt_version", "model", "raw")
                 if k in rec
             }
-    atomic_write_json(out, captions)
+    atomic_write_json(
+        out, {RECORD_KEY: record(CAPTION_FILE, "csmcir caption merge", made)} | captions
+    )
     fail_path = failures_path_for(out)
     atomic_write_json(fail_path, failures)
     return MergeReport(out, fail_path, len(captions), failures, missing, torn, len(shards))
+
+
+def merged_identity(folder: Path, run: dict[str, Any] | None) -> dict[str, Any]:
+    """What a merged file records of its run: benchmark, root, split and the run's digest (a
+    run started by an older csmcir: its shard folder)."""
+    if run is None:
+        return {"shards": str(folder.resolve())}
+    return {k: v for k, v in run.items() if k != "images"} | {"run": run["images"]}
+
+
+def read_own_shards(
+    folder: Path, shards: list[Path], manifest: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Every record of the folder's shards, refusing a shard of another run: one with images
+    ``run.json`` does not list, or with records another run stamped."""
+    listed = set(manifest.get("image_ids") or ())
+    run = (manifest.get("identity") or {}).get("images")
+    records: list[dict[str, Any]] = []
+    torn: list[Path] = []
+    for path in shards:
+        recs, was_torn = read_shard(path)
+        foreign = [r["image_id"] for r in recs if listed and r["image_id"] not in listed]
+        if foreign:
+            raise DataError(
+                f"{path} holds {len(foreign)} record(s) of images {folder / MANIFEST} does not "
+                f"list ({first_few(foreign)}): a shard of another caption run. Move it to its "
+                "own run's folder and merge each folder on its own"
+            )
+        other = sorted({r[RUN_KEY] for r in recs if run and r.get(RUN_KEY, run) != run})
+        if other:
+            raise DataError(
+                f"{path} holds captions of another caption run (images {', '.join(other)}), "
+                f"not of this folder's {describe_run(manifest['identity'])}: other pictures "
+                "with the same ids. Move it to its own run's folder and merge each on its own"
+            )
+        records += recs
+        if was_torn:
+            torn.append(path)
+    return records, torn

@@ -8,9 +8,12 @@ twice. A record is a caption (``status: ok``) or a failure with its reason (``st
 Failed ids are skipped on rerun too, so resuming is cheap; ``retry_failed`` opts into trying them
 again, and the newer record then supersedes the failure when merging.
 
-``run.json`` in the folder pins the prompt version, the model and the full (unsharded) list of
-image ids, so that a rerun with other settings is refused instead of mixing captions, and so that
-``merge`` can tell when some images have no record yet.
+``run.json`` in the folder pins the prompt version, the model, the full (unsharded) list of
+image ids and the run's identity (benchmark, root, split and a digest of every image's
+fingerprint), so that a rerun with other settings or on other images is refused instead of
+mixing captions, and so that ``merge`` can tell when some images have no record yet. Every
+record carries the fingerprint of its image and the run's digest, so ``merge`` refuses the
+shards of another run that were copied into the folder.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from typing import Any
 
 from captioning.parsing import Caption
 from captioning.prompts import FINAL_KEY
+from csmcir.data.captions import IMAGE_KEY
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, read_json
+from csmcir.outputs import short_digest
 
 SHARD_GLOB = "shard-*-of-*.jsonl"
 MANIFEST = "run.json"
 RAW_CHARS = 2000  # how much of a failed answer is kept for inspection
+RUN_KEY = "run"  # in a record: the digest of the run (run.json's identity) that wrote it
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,8 @@ class CaptionStore:
     shard: Shard = field(default_factory=Shard)
     records: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
     repaired: bool = field(default=False, init=False)
+    fingerprints: dict[str, str] = field(default_factory=dict, init=False)
+    run_digest: str | None = field(default=None, init=False)
     _fd: int | None = field(default=None, init=False, repr=False)
 
     @property
@@ -228,10 +236,25 @@ class CaptionStore:
         os.ftruncate(self._fd, data.rfind(b"\n") + 1)
         self.repaired = True
 
-    def check_settings(self, prompt_version: str, model: str, image_ids: list[str]) -> None:
-        """Refuse to add captions made with another prompt or model, or for another image set."""
+    def check_settings(
+        self,
+        prompt_version: str,
+        model: str,
+        image_ids: list[str],
+        identity: dict[str, Any] | None = None,
+        fingerprints: dict[str, str] | None = None,
+    ) -> None:
+        """Refuse to add captions made with another prompt or model, or for another image set.
+
+        ``identity`` (:func:`run_identity`) and ``fingerprints`` (image id -> fingerprint) are
+        recorded in ``run.json`` and stamped on every record this store appends.
+        """
         manifest_path = self.folder / MANIFEST
         wanted = {"prompt_version": prompt_version, "model": model, "image_ids": image_ids}
+        if identity is not None:
+            wanted["identity"] = identity
+            self.run_digest = identity["images"]
+        self.fingerprints = dict(fingerprints or {})
         for rec in self.records.values():
             for key in ("prompt_version", "model"):
                 if rec.get(key) != wanted[key]:
@@ -253,6 +276,14 @@ class CaptionStore:
                     f"{manifest_path} was started for another image set ({len(old or [])} images, "
                     f"now {len(image_ids)}): same --benchmark/--root/--split, or a new --out folder"
                 )
+            old_identity = manifest.get("identity")
+            if identity is not None and old_identity is None:  # started by an older csmcir
+                atomic_write_json(manifest_path, manifest | {"identity": identity}, indent=None)
+            elif identity is not None and not same_run(old_identity, identity):
+                raise ConfigError(
+                    f"{manifest_path} was started for {describe_run(old_identity)}; this run "
+                    f"captions {describe_run(identity)}, other images: a new --out folder for them"
+                )
         else:
             atomic_write_json(manifest_path, wanted, indent=None)
 
@@ -271,11 +302,47 @@ class CaptionStore:
         """Write one record as one line with one ``write`` call: a kill cannot split it in two."""
         if self._fd is None:
             raise RuntimeError("CaptionStore.append outside its 'with' block")
+        image_id = record["image_id"]
+        if image_id in self.fingerprints:
+            record = {**record, IMAGE_KEY: self.fingerprints[image_id]}
+        if self.run_digest is not None:
+            record = {**record, RUN_KEY: self.run_digest}
         line = (json.dumps(_check_record(record, "new record"), ensure_ascii=False) + "\n").encode()
         written = os.write(self._fd, line)
         if written != len(line):
             raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
         self.records[record["image_id"]] = record
+
+
+def run_identity(
+    benchmark: str, root: Path, split: str, fingerprints: dict[str, str], **options: Any
+) -> dict[str, Any]:
+    """What a caption run describes: the benchmark, where it is, the split, and a digest of the
+    fingerprint of every image (two benchmarks with the same ids differ in it)."""
+    return {
+        "benchmark": benchmark,
+        "root": str(Path(root).resolve()),
+        "split": split,
+        **{k: v for k, v in options.items() if v is not None},
+        "images": short_digest(
+            *(f"{i}={fingerprints[i]}" for i in sorted(fingerprints)), length=16
+        ),
+    }
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two run identities describe the same images (a moved benchmark folder is)."""
+    return {k: v for k, v in a.items() if k != "root"} == {
+        k: v for k, v in b.items() if k != "root"
+    }
+
+
+def describe_run(identity: dict[str, Any]) -> str:
+    """``synthcir test at /data/synthcir (images 1a2b...)``, as refusals name a run."""
+    return (
+        f"{identity.get('benchmark')} {identity.get('split')} at {identity.get('root')} "
+        f"(images {str(identity.get('images'))[:8]})"
+    )
 
 
 def iter_history(folder: Path, image_id: str) -> Iterator[dict[str, Any]]:

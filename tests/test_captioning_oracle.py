@@ -275,6 +275,7 @@ def test_single_split_plain_style_and_noise(synth, tmp_path, capsys):
     assert caption("run", *args, "--out", out, "--style", "plain", "--noise", "0.2") == 0
     assert caption("merge", out, "--out", merged) == 0
     data = json.loads(merged.read_text())
+    assert data.pop("@csmcir")["identity"]["split"] == "val"
     assert set(data) == set(load_split("synthcir", synth, "val").gallery)
     entry = next(iter(data.values()))
     assert entry["levels"] == {}

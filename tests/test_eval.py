@@ -108,10 +108,14 @@ def test_default_results_files_are_one_per_model_and_replacing_one_is_said(
     assert len(written) == 2 and [w[:8] for w in written] == ["A-model-", "B-model-"]
     assert all(w.endswith("-synthcir-val.json") for w in written)
     assert "replacing" not in capsys.readouterr().err
-    # the same model again: the same file, replaced, saying what it held
+    # the same model again: the same file, made again from the same inputs
     assert csmcir_main([*args, "--model", "runs/A/model"]) == 0
+    assert "replacing" not in capsys.readouterr().err
+    # results of another model over them (an explicit --out): replaced, saying what they held
+    first = Path("runs/eval") / written[0]
+    assert csmcir_main([*args, "--model", "runs/B/model", "--out", str(first)]) == 0
     err = capsys.readouterr().err
-    assert f"replacing {Path('runs/eval') / written[0]}: it held synthcir val results of " in err
+    assert f"replacing {first}: it held the results file of model runs/A/model (" in err
     # another protocol is another file
     assert csmcir_main([*args, "--model", "runs/A/model", "--exclude-reference", "no"]) == 0
     assert len(list((tmp_path / "runs" / "eval").iterdir())) == 3

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from csmcir.data.captions import load_captions
 from csmcir.data.records import CIRSplit
-from csmcir.errors import ConfigError, DataError, warn
+from csmcir.errors import ConfigError, warn
 from csmcir.evaluation import protocols, submission
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
 from csmcir.evaluation.runner import score_split
-from csmcir.io import atomic_write_json, read_json
+from csmcir.io import atomic_write_json
 from csmcir.model.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
+from csmcir.outputs import EVAL_RESULTS, RECORD_KEY, claim, file_digest, record
 
 DEFAULT_SPLIT = {"shoes": "test", "fashion200k": "test"}  # the others: val
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -61,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         type=Path,
-        help="results JSON (default: runs/eval/<model>-<fingerprint>-<benchmark>-<split>.json, "
-        "<model> being <run>-model for a run's export; an existing file is replaced, saying so)",
+        help="results JSON (default: runs/eval/<model>-<fingerprint>-<benchmark>-<split>"
+        "[-captions-<name>-<digest>].json, <model> being <run>-model for a run's export); only "
+        "a new file or earlier results are written over, never an input or another file",
     )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="gallery cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
@@ -108,7 +110,11 @@ def run(args: argparse.Namespace) -> dict:
                 f"{s.benchmark} {s.split} has no public answers: pass --submission DIR to write "
                 "the test-server files, or evaluate a split with answers"
             )
-    captions = load_captions(args.captions) if args.captions else None
+    gallery = {g: s.image_path(g) for s in splits for g in s.gallery}
+    captions = (
+        load_captions(args.captions, gallery, benchmark=args.benchmark) if args.captions else None
+    )
+    caption_id = f"{args.captions.stem}-{file_digest(args.captions, 8)}" if args.captions else None
 
     def corpus() -> list[str]:
         return [s.eval_text(q) for s in splits for q in s.queries] + list((captions or {}).values())
@@ -116,6 +122,14 @@ def run(args: argparse.Namespace) -> dict:
     spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
     model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
     fingerprint = model.fingerprint()
+    identity = {
+        "model": f"{args.model} ({fingerprint[:12]})",
+        "benchmark": args.benchmark,
+        "split": split_name,
+        "captions": caption_id,
+    }
+    out = args.out or default_out(args, split_name, spec, fingerprint, caption_id)
+    claim(out, EVAL_RESULTS, flag="--out", reads=inputs(args), identity=identity)
     features = None
     if args.features:
         from csmcir.model.features import FeatureCache
@@ -153,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.benchmark == "fashioniq" and len(metrics) > 1:
         metrics["average"] = protocols.fashioniq_summary(metrics)
     results = {
+        RECORD_KEY: record(EVAL_RESULTS, "csmcir eval", identity),
         "benchmark": args.benchmark,
         "split": split_name,
         "model": {
@@ -181,9 +196,6 @@ def run(args: argparse.Namespace) -> dict:
             for k, v in vars(args).items()
         },
     }
-    out = args.out or default_out(args, split_name, spec, fingerprint)
-    if out.is_file():
-        warn(f"replacing {out}: {describe_results(out)}")
     atomic_write_json(out, results)
     results["written_to"] = str(out)
     return results
@@ -238,9 +250,26 @@ def write_submission(split: CIRSplit, scored, args: argparse.Namespace) -> list[
     return [submission.write_circo_submission(split, top, args.submission, args.name)]
 
 
-def default_out(args: argparse.Namespace, split_name: str, spec: str, fingerprint: str) -> Path:
-    """A name of its own per model and protocol: every run exports a folder called ``model``,
-    so the folder's name alone would give ``runs/A/model`` and ``runs/B/model`` one file."""
+def inputs(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The files eval reads, which its --out must never replace."""
+    return {
+        "the --captions file": args.captions,
+        "the --features cache": args.features,
+        "the --dropped-report file": args.dropped_report,
+        "the --model folder": Path(args.model) if Path(args.model).exists() else None,
+    }
+
+
+def default_out(
+    args: argparse.Namespace,
+    split_name: str,
+    spec: str,
+    fingerprint: str,
+    caption_id: str | None = None,
+) -> Path:
+    """A name of its own per model, protocol and caption file: every run exports a folder
+    called ``model``, so the folder's name alone would give ``runs/A/model`` and
+    ``runs/B/model`` one file, and two caption files would give one model one file."""
     folder = Path(spec)
     if not folder.is_dir():
         label = spec  # a preset
@@ -253,20 +282,9 @@ def default_out(args: argparse.Namespace, split_name: str, spec: str, fingerprin
         parts.append(f"exclude-reference-{args.exclude_reference}")
     if args.caption_join != protocols.DEFAULT_JOIN:
         parts.append(f"join-{args.caption_join}")
+    if caption_id:
+        parts.append(f"captions-{caption_id}")
     return Path("runs") / "eval" / ("-".join(p for p in parts if p) + ".json")
-
-
-def describe_results(path: Path) -> str:
-    """What an earlier results file holds, for the warning before it is replaced."""
-    try:
-        old = read_json(path, "results file")
-        model = old["model"]
-        return (
-            f"it held {old['benchmark']} {old['split']} results of {model['source']} "
-            f"({model['fingerprint'][:12]})"
-        )
-    except (DataError, KeyError, TypeError):
-        return "it held something else"
 
 
 def format_by_type(groups: dict[str, dict], columns: tuple[str, ...] = ()) -> str:

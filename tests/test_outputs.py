@@ -1,0 +1,205 @@
+"""The one output rule (csmcir.outputs) and the identity captions carry, command by command:
+each refused output kind and each identity check has its case here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from csmcir.cli import main as csmcir_main
+from csmcir.data.captions import load_captions
+from csmcir.data.registry import load_split
+from csmcir.data.synth import SynthConfig, generate
+from csmcir.errors import ConfigError, DataError
+
+TINY = dict(train_refs=4, val_refs=3, test_refs=3, image_size=32)
+
+
+def caption(*args) -> int:
+    return csmcir_main(["caption", *map(str, args)])
+
+
+def captioned(root: Path, seed: int, split: str = "val", **sizes) -> tuple[Path, Path]:
+    """A synthetic benchmark of ``seed`` with its oracle captions: (shard folder, merged file)."""
+    generate(root, SynthConfig(seed=seed, **(TINY | sizes)))
+    shards, merged = root / "shards", root / "captions.json"
+    run = ["run", "--benchmark", "synthcir", "--root", root, "--split", split]
+    assert caption(*run, "--backend", "oracle", "--out", shards, "--no-progress") == 0
+    assert caption("merge", shards, "--out", merged) == 0
+    return shards, merged
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> tuple[Path, Path]:
+    """Two synthetic benchmarks with the same image ids and other pictures (seeds 0 and 1)."""
+    base = tmp_path_factory.mktemp("twins")
+    a, b = base / "a", base / "b"
+    captioned(a, 0)
+    captioned(b, 1)
+    return a, b
+
+
+# -- caption merge: one run, one benchmark, never over its inputs --------------------------
+
+
+def test_merge_refuses_a_shard_of_another_benchmark_with_the_same_ids(twins, tmp_path):
+    a, b = twins
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a / "shards", mixed)
+    for shard in mixed.glob("shard-*.jsonl"):
+        shard.unlink()
+    shutil.copy(next((b / "shards").glob("shard-*.jsonl")), mixed)  # b's captions, a's run.json
+    with pytest.raises(DataError, match=r"shard-0000-of-0001.jsonl holds captions of another"):
+        csmcir_merge(mixed, tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_merge_refuses_a_shard_of_images_its_run_does_not_list(tmp_path):
+    small, full = tmp_path / "small", tmp_path / "full"
+    captioned(small, 0)
+    captioned(full, 0, split="all")
+    shutil.copy(
+        next((full / "shards").glob("shard-*.jsonl")), small / "shards" / "shard-0000-of-0002.jsonl"
+    )
+    with pytest.raises(DataError, match=r"record\(s\) of images .*run.json does not list"):
+        csmcir_merge(small / "shards", tmp_path / "out.json")
+
+
+def test_merge_never_writes_over_an_annotation_file_or_its_inputs(twins, tmp_path, capsys):
+    a, _ = twins
+    annotations = a / "captions" / "cap.rc2.val.json"
+    before = annotations.read_bytes()
+    assert caption("merge", a / "shards", "--out", annotations) == 2
+    err = capsys.readouterr().err
+    assert f"--out {annotations} holds a JSON list csmcir did not write" in err
+    assert "Give --out a new file" in err and annotations.read_bytes() == before
+    run_json = a / "shards" / "run.json"
+    assert caption("merge", a / "shards", "--out", run_json) == 2
+    assert "csmcir did not write" in capsys.readouterr().err
+    assert caption("merge", a / "shards", "--out", a / "shards") == 2
+    assert "is the shard folder, which this command reads" in capsys.readouterr().err
+
+
+def test_merge_replaces_its_own_file_but_not_the_captions_of_another_run(twins, capsys):
+    a, b = twins
+    assert caption("merge", a / "shards", "--out", a / "captions.json") == 0  # made again
+    before = b.joinpath("captions.json").read_bytes()
+    assert caption("merge", a / "shards", "--out", b / "captions.json") == 2
+    err = capsys.readouterr().err
+    assert "holds the caption file of " in err and "delete" in err
+    assert b.joinpath("captions.json").read_bytes() == before
+
+
+def test_caption_run_refuses_other_images_with_the_same_ids_in_its_folder(twins, capsys):
+    a, b = twins
+    run = ["run", "--benchmark", "synthcir", "--root", b, "--split", "val", "--backend", "oracle"]
+    assert caption(*run, "--out", a / "shards") == 2
+    assert "other images: a new --out folder" in capsys.readouterr().err
+
+
+def test_caption_run_refuses_a_folder_it_did_not_make(twins, capsys):
+    a, _ = twins
+    run = ["run", "--benchmark", "synthcir", "--root", a, "--split", "val", "--backend", "oracle"]
+    assert caption(*run, "--out", a) == 2  # the benchmark's own folder
+    assert "not a caption shard folder csmcir wrote" in capsys.readouterr().err
+    assert not list(a.glob("shard-*"))
+
+
+def csmcir_merge(folder: Path, out: Path) -> None:
+    from captioning.merge import merge_folder
+
+    merge_folder(folder, out)
+
+
+# -- captions are checked against the images they are used for ---------------------------
+
+
+def test_captions_of_other_pictures_with_the_same_ids_are_refused(twins):
+    a, b = twins
+    gallery = load_split("synthcir", a, "val")
+    images = {g: gallery.image_path(g) for g in gallery.gallery}
+    assert load_captions(a / "captions.json", images, benchmark="synthcir")
+    with pytest.raises(DataError, match=r"describes other images than these: \d+ of the \d+"):
+        load_captions(b / "captions.json", images, benchmark="synthcir")
+    with pytest.raises(DataError, match=r"holds captions of synthcir .* not of cirr"):
+        load_captions(a / "captions.json", images, benchmark="cirr")
+
+
+def test_the_released_caption_form_is_read_saying_what_was_not_checked(twins, tmp_path, capsys):
+    a, _ = twins
+    merged = json.loads((a / "captions.json").read_text())
+    released = {k: {"Final_Caption": v["Final_Caption"]} for k, v in merged.items() if k[0] != "@"}
+    path = tmp_path / "released.json"
+    path.write_text(json.dumps(released))
+    gallery = load_split("synthcir", a, "val")
+    images = {g: gallery.image_path(g) for g in gallery.gallery}
+    assert load_captions(path, images, benchmark="synthcir") == {
+        k: v["Final_Caption"] for k, v in released.items()
+    }
+    assert "records no image fingerprints" in capsys.readouterr().err
+
+
+def test_eval_refuses_the_caption_file_of_another_benchmark(twins, tmp_path, capsys):
+    a, b = twins
+    args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", a, "--no-cache"]
+    args += ["--device", "cpu", "--out", tmp_path / "r.json", "--captions", b / "captions.json"]
+    assert csmcir_main(list(map(str, args))) == 2
+    err = capsys.readouterr().err
+    assert f"--captions {b / 'captions.json'} describes other images than these" in err
+    assert f"it was made for synthcir val at {b.resolve()}" in err
+
+
+# -- eval: --out never over an input, a default name per caption file ----------------------
+
+
+def test_eval_refuses_to_write_its_results_over_its_own_captions(twins, capsys):
+    a, _ = twins
+    caps = a / "captions.json"
+    before = caps.read_bytes()
+    args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", a, "--no-cache"]
+    args += ["--device", "cpu", "--captions", caps, "--out", caps]
+    assert csmcir_main(list(map(str, args))) == 2
+    assert f"--out {caps} is the --captions file, which this command reads" in (
+        capsys.readouterr().err
+    )
+    assert caps.read_bytes() == before
+
+
+def test_eval_default_names_tell_caption_files_apart(twins, tmp_path, monkeypatch, capsys):
+    a, _ = twins
+    other = tmp_path / "other.json"
+    data = json.loads((a / "captions.json").read_text())
+    data = {k: v if k[0] == "@" else v | {"Final_Caption": "a scene"} for k, v in data.items()}
+    other.write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(a)]
+    args += ["--no-cache", "--device", "cpu"]
+    for caps in (a / "captions.json", other):
+        assert csmcir_main([*args, "--captions", str(caps)]) == 0
+    written = sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir())
+    assert len(written) == 2 and "replacing" not in capsys.readouterr().err
+    assert any("-captions-captions-" in w for w in written)
+    assert any("-captions-other-" in w for w in written)
+
+
+def test_eval_refuses_an_out_file_it_did_not_write(twins, tmp_path, capsys):
+    a, _ = twins
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": ["notes"]}')
+    args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", a, "--no-cache"]
+    args += ["--device", "cpu", "--empty-captions", "--out", notes]
+    assert csmcir_main(list(map(str, args))) == 2
+    assert "holds a JSON dict csmcir did not write" in capsys.readouterr().err
+    assert notes.read_text() == '{"my": ["notes"]}'
+
+
+def test_claim_allows_new_paths_and_refuses_the_wrong_sort_of_path(tmp_path):
+    from csmcir.outputs import CAPTION_FILE, claim
+
+    assert claim(tmp_path / "new.json", CAPTION_FILE, flag="--out") is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a folder; give --out a file path"):
+        claim(tmp_path / "empty", CAPTION_FILE, flag="--out")
