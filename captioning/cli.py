@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from captioning.prompts import DEFAULT_MAX_WORDS, DOMAINS, LEVELS, STYLES, PromptSpec, domain_for
+from csmcir.device import DEVICE_HELP, resolve_device
 from csmcir.errors import ConfigError, DataError
 
 BACKENDS = ("oracle", "hf", "openai")
@@ -55,7 +56,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hf backend")
     g.add_argument("--model-dir", type=Path, help="local AutoModelForImageTextToText folder")
     g.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--batch-size", type=int, default=4, help="images per generate call")
     g.add_argument("--max-new-tokens", type=int, default=384)
     g.add_argument("--retry-temperature", type=float, default=0.7, help="sampling on retries")
@@ -85,7 +86,7 @@ def make_backend(args: argparse.Namespace):
         return HFBackend(
             args.model_dir,
             dtype=args.dtype,
-            device=args.device,
+            device=str(resolve_device(args.device)),
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             retry_temperature=args.retry_temperature,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from csmcir.device import resolve_device
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json
 
@@ -48,11 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data, training and the example")
     p.add_argument(
         "--device",
-        type=torch.device,
-        default=torch.device("cpu"),
-        help="cpu (default; the README's figures) or cuda, cuda:1: where to train and encode. "
-        "GPU arithmetic differs from the CPU's in the last bits, and so do the trained model's "
-        "recalls",
+        type=resolve_device,
+        default="cpu",
+        help="cpu (default; the README's figures), cuda, cuda:1 or auto: where to train and "
+        "encode, checked before anything is made. GPU arithmetic differs from the CPU's in the "
+        "last bits, and so do the trained model's recalls",
     )
     p.add_argument(
         "--retrain",

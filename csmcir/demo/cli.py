@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from csmcir.demo.engine import DEFAULT_MAX_UPLOAD_MB, RetrievalDemo
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError
 
 
@@ -36,14 +37,12 @@ def main(argv: list[str]) -> int:
         default=DEFAULT_MAX_UPLOAD_MB,
         help=f"largest reference upload accepted (default {DEFAULT_MAX_UPLOAD_MB:g})",
     )
-    parser.add_argument("--device", default="auto")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be within 1..65535, got {args.port}")
 
-    from csmcir.evaluation.encode import pick_device
-
-    demo = RetrievalDemo.load(args.index, args.model, pick_device(args.device), args.max_upload_mb)
+    demo = RetrievalDemo.load(args.index, args.model, args.device, args.max_upload_mb)
     from csmcir.demo.app import serve
 
     with serve(demo, args.host, args.port) as app:

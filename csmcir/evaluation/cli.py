@@ -14,9 +14,10 @@ from pathlib import Path
 
 from csmcir.data.captions import load_captions
 from csmcir.data.records import CIRSplit
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, warn
 from csmcir.evaluation import protocols, submission
-from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
+from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model
 from csmcir.evaluation.runner import score_split
 from csmcir.io import atomic_write_json
 from csmcir.model.run_folder import BEST_MODEL, FINAL_MODEL, model_folder
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0, help="tie-breaking and untrained-preset seed")
     p.add_argument("--drop-missing", action="store_true", help="drop queries with missing images")
     p.add_argument("--dropped-report", type=Path, help="where --drop-missing lists what it dropped")
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         return [s.eval_text(q) for s in splits for q in s.queries] + list((captions or {}).values())
 
     spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
-    model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
+    model = load_model(spec, corpus, seed=args.seed).to(args.device)
     fingerprint = model.fingerprint()
     identity = {
         "model": f"{args.model} ({fingerprint[:12]})",

@@ -32,12 +32,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" /
 CACHE_VERSION = "1"
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
     """An exported model folder (or a training run folder: its ``model/``), or a preset name
     (``tiny``: untrained, tokenizer from ``corpus``).

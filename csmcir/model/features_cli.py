@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
 from csmcir.model.config import PRECISIONS
 from csmcir.model.run_folder import model_folder
@@ -43,7 +43,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help=f"images per ViT pass (default {GPU_BATCH} on a GPU, 32)"
     )
     p.add_argument("--shard-size", type=int, default=512, help="images per shard file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(p)
     p.add_argument(
         "--workers",
         type=int,
@@ -66,7 +66,7 @@ GPU_BATCH = 256  # ViT-g at 224 px in bf16 without gradients: about 2 GB of acti
 def gpu_defaults(args: argparse.Namespace, model_precision: str) -> dict[str, Any]:
     """Batch size, workers and precision: what the flags say, else what keeps a GPU busy (large
     batches, decoding in parallel, bf16) or, on a CPU, the model's own settings."""
-    gpu = torch.device(args.device).type == "cuda"
+    gpu = args.device.type == "cuda"
     workers = (
         args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if gpu else 0
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json
 
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
     emb.add_argument("--seed", type=int, default=0, help="query sample, projection, presets")
     emb.add_argument("--out", required=True, type=Path, help="PNG to write (JSON beside it)")
     emb.add_argument("--batch-size", type=int, default=64)
-    emb.add_argument("--device", default="auto")
+    add_device_argument(emb)
     args = parser.parse_args(argv)
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
@@ -67,7 +68,7 @@ def plot_embeddings(args: argparse.Namespace) -> dict:
 
     from csmcir.data.captions import load_captions
     from csmcir.data.registry import load_split
-    from csmcir.evaluation.encode import load_model, pick_device
+    from csmcir.evaluation.encode import load_model
     from csmcir.plots.embeddings import (
         METHODS,
         Panel,
@@ -84,14 +85,13 @@ def plot_embeddings(args: argparse.Namespace) -> dict:
     split = load_split(args.benchmark, args.root, args.split, **options)
     captions = load_captions(args.captions) if args.captions else None
     queries = sample_queries(split, args.queries, args.seed)
-    device = pick_device(args.device)
 
     def corpus() -> list[str]:
         return [split.eval_text(q) for q in split.queries] + list((captions or {}).values())
 
     panels, entries = [], []
     for spec in args.models:
-        model = load_model(spec, corpus, seed=args.seed).to(device).eval()
+        model = load_model(spec, corpus, seed=args.seed).to(args.device).eval()
         with torch.inference_mode():
             emb = embed_kinds(
                 model,

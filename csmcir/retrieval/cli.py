@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 
 from csmcir.data.captions import load_captions
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
-from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model, pick_device
+from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model
 from csmcir.model.run_folder import model_folder
 from csmcir.retrieval.index import KINDS, GalleryIndex
 
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
     build.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth")
     build.add_argument("--batch-size", type=int, default=64)
-    build.add_argument("--device", default="auto")
+    add_device_argument(build)
     build.add_argument("--seed", type=int, default=0, help="seed of an untrained preset")
     build.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     build.add_argument("--no-cache", action="store_true")
@@ -69,7 +70,7 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
         return texts + list((captions or {}).values())
 
     spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
-    model = load_model(spec, corpus, seed=args.seed).to(pick_device(args.device))
+    model = load_model(spec, corpus, seed=args.seed).to(args.device)
     options = {
         "nlist": args.nlist,
         "nprobe": args.nprobe,

@@ -16,8 +16,8 @@ import torch
 
 from csmcir.data.images import load_image
 from csmcir.data.layout import first_few
+from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError, warn
-from csmcir.evaluation.encode import pick_device
 from csmcir.model.run_folder import model_folder
 from csmcir.model.tokenizer import describe_cut
 from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--target", help="id of the true target, outlined in the grid")
     parser.add_argument("--grid", type=Path, help="PNG to write (default runs/search/<ref>.png)")
-    parser.add_argument("--device", default="auto")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.k < 1:
         raise ConfigError(f"-k must be at least 1, got {args.k}")
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     from csmcir.model import CSMCIR
 
     model_dir = index.model_folder(model_folder(args.model) if args.model else None)
-    model = CSMCIR.from_pretrained(model_dir).to(pick_device(args.device)).eval()
+    model = CSMCIR.from_pretrained(model_dir).to(args.device).eval()
     index.check_model(model)
     (kept,) = model.truncated([args.text])
     if kept is not None:

@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import CheckpointIO
 
+from csmcir.device import check_accelerator
 from csmcir.errors import ConfigError, warn
 from csmcir.model.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
 from csmcir.threads import available_cores, describe_threads, lanes_from_env, torch_threads
@@ -73,6 +74,12 @@ class CSMCIRCLI(LightningCLI):
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
             path = self.config[self.config.subcommand].get("ckpt_path")
             raise unreadable_checkpoint(path, e) from None
+
+    def before_instantiate_classes(self) -> None:
+        """A GPU the machine lacks is refused now, in one message, not by Lightning's
+        traceback once the model and data are built."""
+        trainer = self.config[self.config.subcommand]["trainer"]
+        check_accelerator(trainer.get("accelerator"), trainer.get("devices"))
 
     def before_fit(self) -> None:
         self._prepare_run()
