@@ -246,12 +246,12 @@ def test_extraction_defaults_keep_a_gpu_busy_and_flags_win() -> None:
     from csmcir.model.features_cli import GPU_BATCH, gpu_defaults
 
     unset = {"batch_size": None, "workers": None, "precision": None}
-    gpu = gpu_defaults(Namespace(device="cuda:0", **unset), "fp32")
+    gpu = gpu_defaults(Namespace(device=torch.device("cuda:0"), **unset), "fp32")
     assert gpu["batch_size"] == GPU_BATCH and gpu["precision"] == "bf16" and gpu["workers"] >= 1
-    assert gpu_defaults(Namespace(device="cpu", **unset), "fp32") == {
+    assert gpu_defaults(Namespace(device=torch.device("cpu"), **unset), "fp32") == {
         "batch_size": 32,
         "workers": 0,
         "precision": "fp32",
     }
     given = {"batch_size": 8, "workers": 3, "precision": "fp16"}
-    assert gpu_defaults(Namespace(device="cuda", **given), "fp32") == given
+    assert gpu_defaults(Namespace(device=torch.device("cuda"), **given), "fp32") == given
