@@ -203,3 +203,83 @@ def test_claim_allows_new_paths_and_refuses_the_wrong_sort_of_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="is a folder; give --out a file path"):
         claim(tmp_path / "empty", CAPTION_FILE, flag="--out")
+
+
+# -- index build and search ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(twins, tmp_path_factory) -> tuple[Path, Path]:
+    """Two untrained tiny models (seeds 0 and 1) saved as folders."""
+    from csmcir.model import CSMCIR
+
+    split = load_split("synthcir", twins[0], "val")
+    corpus = [q.texts[0] for q in split.queries]
+    base = tmp_path_factory.mktemp("models")
+    return tuple(
+        CSMCIR.from_preset("tiny", tokenizer_corpus=corpus, seed=s).save_pretrained(base / f"m{s}")
+        for s in (0, 1)
+    )
+
+
+def build_index(model: Path, root: Path, out: Path, split: str = "val") -> int:
+    args = ["index", "build", "--model", model, "--benchmark", "synthcir", "--root", root]
+    args += ["--split", split, "--captions", root / "captions.json", "--out", out]
+    return csmcir_main(list(map(str, [*args, "--no-cache", "--device", "cpu"])))
+
+
+def test_index_build_refuses_a_dataset_root_and_another_models_index(
+    twins, models, tmp_path, capsys
+):
+    a, _ = twins
+    m0, m1 = models
+    assert build_index(m0, a, a) == 2
+    assert f"--out {a} holds a synthetic benchmark, not a gallery index" in (
+        capsys.readouterr().err
+    )
+    assert not (a / "index.faiss").exists()
+    photos = tmp_path / "photos"
+    shutil.copytree(a / "val", photos)
+    assert build_index(m0, a, photos) == 2
+    assert "a folder of files csmcir did not write (val-00000.png" in capsys.readouterr().err
+
+    out = tmp_path / "index"
+    assert build_index(m0, a, out) == 0
+    before = (out / "meta.json").read_bytes()
+    assert build_index(m1, a, out) == 2  # another model's index stays
+    err = capsys.readouterr().err
+    assert (
+        f"--out {out} holds the gallery index of model {m0.resolve()} (now {m1.resolve()})" in err
+    )
+    assert (out / "meta.json").read_bytes() == before
+    assert build_index(m0, a, out) == 0  # its own index, built again
+    assert build_index(m0, a, out, split="test") == 2  # another split's gallery
+    assert "gallery synthcir val at" in capsys.readouterr().err
+
+
+def test_search_grids_are_named_per_query_and_replace_only_grids(
+    twins, models, tmp_path, monkeypatch, capsys
+):
+    a, _ = twins
+    index = tmp_path / "index"
+    assert build_index(models[0], a, index) == 0
+    ref = a / "val" / "val-00000.png"
+    monkeypatch.chdir(tmp_path)
+    search = ["search", "--index", str(index), "--ref", str(ref), "--device", "cpu", "-k", "3"]
+    for text in ("add a red circle", "remove the square"):
+        assert csmcir_main([*search, "--text", text]) == 0
+    grids = sorted(p.name for p in (tmp_path / "runs" / "search").iterdir())
+    assert len(grids) == 2 and all(g.startswith("val-00000-") for g in grids)
+    assert "add-a-red-circle" in grids[0] and "remove-the-square" in grids[1]
+
+    assert csmcir_main([*search, "--text", "x", "--grid", str(ref)]) == 2
+    assert f"--grid {ref} is the --ref image, which this command reads" in (capsys.readouterr().err)
+    photo = tmp_path / "photo.png"
+    shutil.copy(a / "val" / "val-00001.png", photo)
+    assert csmcir_main([*search, "--text", "x", "--grid", str(photo)]) == 2
+    assert "holds a file csmcir did not write" in capsys.readouterr().err
+    mine = tmp_path / "runs" / "search" / grids[0]
+    assert csmcir_main([*search, "--text", "x", "--grid", str(mine)]) == 0
+    assert f"replacing {mine}: it held the search grid of text add a red circle (now x)" in (
+        capsys.readouterr().err
+    )

@@ -19,6 +19,7 @@ from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model
 from csmcir.model.run_folder import model_folder
+from csmcir.outputs import GALLERY_INDEX, RECORD_KEY, claim, record
 from csmcir.retrieval.index import KINDS, GalleryIndex
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -37,7 +38,12 @@ def main(argv: list[str]) -> int:
         required=True,
         help="exported model folder, a training run folder (its model/), or a preset (tiny)",
     )
-    build.add_argument("--out", required=True, type=Path, help="index folder to write")
+    build.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="index folder to write: a new or empty one, or this model's index of this gallery",
+    )
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="a folder of images (ids = file stems)")
     source.add_argument("--benchmark", help="index a benchmark split's gallery")
@@ -63,13 +69,24 @@ def main(argv: list[str]) -> int:
 
 
 def run_build(args: argparse.Namespace) -> GalleryIndex:
-    captions = load_captions(args.captions) if args.captions else None
     images, texts = gallery_images(args)
+    spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
+    source = str(args.images) if args.images else f"{args.benchmark} {args.split}"
+    identity = {
+        "model": str(Path(spec).resolve()) if Path(spec).is_dir() else f"{spec} (seed {args.seed})",
+        "gallery": str(args.images.resolve())
+        if args.images
+        else f"{source} at {Path(args.root).resolve()}",
+    }
+    # another model's or gallery's index is someone's result: refused, not replaced
+    claim(args.out, GALLERY_INDEX, flag="--out", identity=identity, other_identity="refuse")
+    captions = (
+        load_captions(args.captions, images, benchmark=args.benchmark) if args.captions else None
+    )
 
     def corpus() -> list[str]:
         return texts + list((captions or {}).values())
 
-    spec = str(model_folder(args.model)) if Path(args.model).is_dir() else args.model
     model = load_model(spec, corpus, seed=args.seed).to(args.device)
     options = {
         "nlist": args.nlist,
@@ -90,8 +107,9 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
         **options,
     )
     index.meta |= {
+        RECORD_KEY: record(GALLERY_INDEX, "csmcir index build", identity),
         "model_source": args.model,
-        "source": str(args.images) if args.images else f"{args.benchmark} {args.split}",
+        "source": source,
         "captions": str(args.captions) if args.captions else None,
         "empty_captions": args.empty_captions,
     }

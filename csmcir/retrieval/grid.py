@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from csmcir.data.images import load_image
 from csmcir.io import atomic_write
+from csmcir.outputs import RECORD_KEY, SEARCH_GRID, record
 
 TILE = 160
 PAD = 8
@@ -37,10 +40,13 @@ def save_grid(
     results: Sequence[GridItem],
     target: str | None = None,
     columns: int = COLUMNS,
+    identity: dict | None = None,
 ) -> Path:
     """Draw the query row (reference + text) above the results, ``columns`` per row.
 
     The true target, when given and retrieved, gets a thick green frame and a "target" label.
+    The PNG carries its provenance record (``identity``: the query and index it shows), so a
+    later search may replace it and nothing else (csmcir.outputs).
     """
     font = ImageFont.load_default(size=13)
     big = ImageFont.load_default(size=16)
@@ -69,7 +75,9 @@ def save_grid(
         draw.text((x, y + TILE + 3), label, fill=TARGET_COLOUR if is_target else "black", font=font)
         draw.text((x, y + TILE + 19), shorten(item.image_id, 22), fill=(90, 90, 90), font=font)
 
-    return atomic_write(Path(path), lambda f: canvas.save(f, format="PNG"))
+    info = PngInfo()
+    info.add_text(RECORD_KEY, json.dumps(record(SEARCH_GRID, "csmcir search", identity or {})))
+    return atomic_write(Path(path), lambda f: canvas.save(f, format="PNG", pnginfo=info))
 
 
 def _open(path: str | Path | None) -> Image.Image | None:

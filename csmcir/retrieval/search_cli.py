@@ -10,6 +10,7 @@ folder it was built in; results whose file is gone are named, and the exit statu
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.model.run_folder import model_folder
 from csmcir.model.tokenizer import describe_cut
+from csmcir.outputs import SEARCH_GRID, claim, short_digest
 from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
 
@@ -40,7 +42,12 @@ def main(argv: list[str]) -> int:
         help="model folder or training run folder (its model/); default: the index's own",
     )
     parser.add_argument("--target", help="id of the true target, outlined in the grid")
-    parser.add_argument("--grid", type=Path, help="PNG to write (default runs/search/<ref>.png)")
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="PNG to write (default runs/search/<ref>-<text>-<digest>.png); only a new file or "
+        "an earlier search grid is written over",
+    )
     add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.k < 1:
@@ -49,6 +56,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--text is empty: a composed query needs a modification text")
 
     reference = load_image(args.ref)  # not an image: a DataError naming the file
+    identity = {"ref": str(args.ref.resolve()), "text": args.text, "index": str(args.index)}
+    grid = args.grid or default_grid(args)
+    claim(grid, SEARCH_GRID, flag="--grid", reads={"the --ref image": args.ref}, identity=identity)
     index = GalleryIndex.load(args.index)
     from csmcir.model import CSMCIR
 
@@ -75,8 +85,7 @@ def main(argv: list[str]) -> int:
         print(f"{rank:>3}  {item.score:8.4f}  {item.image_id:<{width}}  {item.path or ''}{mark}")
     if args.target is not None and args.target not in index.positions:
         print(f"note: --target {args.target!r} is not in the index")
-    grid = args.grid or Path("runs") / "search" / f"{args.ref.stem}.png"
-    save_grid(grid, reference, args.text, items, target=args.target)
+    save_grid(grid, reference, args.text, items, target=args.target, identity=identity)
     print(f"grid: {grid}")
     absent = [i for i in items if i.path is None or not Path(i.path).is_file()]
     if absent:
@@ -88,3 +97,11 @@ def main(argv: list[str]) -> int:
         )
         return 1
     return 0
+
+
+def default_grid(args: argparse.Namespace) -> Path:
+    """``runs/search/<ref>-<text>-<digest>.png``: a name of its own per query (reference image
+    and text) and index, so one search never replaces another's grid."""
+    words = re.sub(r"[^a-z0-9]+", "-", args.text.lower()).strip("-")[:40].rstrip("-")
+    digest = short_digest(str(args.ref.resolve()), args.text, str(args.index.resolve()))
+    return Path("runs") / "search" / f"{args.ref.stem}-{words or 'text'}-{digest}.png"
