@@ -83,7 +83,7 @@ def main() -> None:
         "",
         "`csmcir quickstart --seed S --device "
         f"{args.device}` from nothing, one fresh process per seed: the seed's own synthetic "
-        "benchmark, oracle MCoT captions, training (configs/synthcir.yaml), evaluation on the "
+        "benchmark, oracle MCoT captions, training (config synthcir), evaluation on the "
         "test split (768 queries, 2,304 images, CIRR protocol), index, retrieval grids and the "
         "embedding plot. Recall in %; wall time end to end.",
         "",

@@ -147,7 +147,7 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f} after. Threads matter with the load: "
             f"{measured if gains else 'one thread count only in this run'}, while with other "
             "processes busy (load average about 10) an earlier run measured one thread 5-11x "
-            "faster than two, whose OpenMP threads wait for each other. configs/synthcir.yaml "
+            "faster than two, whose OpenMP threads wait for each other. The synthcir config "
             "uses one: the grids and CI run two processes side by side on two cores.",
         ]
     update_section(section_name("train_tiny", device), "\n".join(body))

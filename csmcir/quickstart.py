@@ -30,8 +30,8 @@ import yaml
 from csmcir.device import resolve_device
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json
+from csmcir.packaged import config_file
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECORD = "quickstart.json"  # in the run folder: the settings its model was trained with
 CAPTIONS = Path("mcot_captions.json")  # in the benchmark folder, with mcot_captions_shards/
 METRIC_COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
@@ -43,7 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--run-dir", type=Path, default=Path("checkpoints/synthcir-tiny"), help="training output"
     )
     p.add_argument(
-        "--config", type=Path, default=REPO_CONFIGS / "synthcir.yaml", help="fit config to train"
+        "--config",
+        type=config_file,
+        default="synthcir",
+        help="fit config to train: a YAML file or a packaged config's name (default: synthcir)",
     )
     p.add_argument("--steps", type=int, help="training steps (default: the config's max_steps)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, training and the example")
@@ -105,11 +108,6 @@ class Stages:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.config.is_file():
-        raise ConfigError(
-            f"fit config {args.config} not found: run from a source checkout "
-            "(pip install -e .) or pass --config"
-        )
     root, run_dir = args.root, args.run_dir
     captions_file = root / CAPTIONS
     pictures = run_dir / "quickstart"

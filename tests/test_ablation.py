@@ -20,11 +20,10 @@ from csmcir.ablation.runner import Grid, flag_value, log_tail, stale_reason
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
 from csmcir.model.config import CSMCIRConfig
+from csmcir.packaged import config_file, config_names
 from csmcir.train.memory_bank import MemoryBankConfig
 from csmcir.train.module import CSMCIRModule
 from csmcir.train.resolve import resolve
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -168,8 +167,7 @@ def test_a_fit_config_with_another_budget_is_refused_unless_declared(tmp_path, f
 
 def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
     short, long = (
-        load_config(REPO / "configs" / "ablation" / f"synthcir_vs_clip4cir{suffix}.yaml")
-        for suffix in ("", "_1200")
+        load_config(f"ablation/synthcir_vs_clip4cir{suffix}") for suffix in ("", "_1200")
     )
     assert short.budget["trainer.max_steps"] == 480 and long.budget["trainer.max_steps"] == 1200
     assert [v.name for v in short.variants] == [v.name for v in long.variants]
@@ -179,11 +177,11 @@ def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
 
 
 def test_the_shipped_configs_load_and_cover_the_issue_rows():
-    shipped = {p.stem for p in (REPO / "configs" / "ablation").glob("*.yaml")}
+    shipped = {n.removeprefix("ablation/") for n in config_names() if n.startswith("ablation/")}
     assert {"synthcir", "synthcir_bank", "fashioniq", "cirr", "synthcir_vs_clip4cir"} <= shipped
     for name in shipped:
-        load_config(REPO / "configs" / "ablation" / f"{name}.yaml")
-    config = load_config(REPO / "configs" / "ablation" / "synthcir.yaml")
+        load_config(f"ablation/{name}")
+    config = load_config("ablation/synthcir")
     rows = {v.name: v for v in config.variants}
     assert config.seeds == (0, 1, 2, 3, 4) and config.eval.paired == ("R@1", "Rsubset@1", "Avg")
     # full is the method as defined: its entropy window is pinned (the default is fixed)
@@ -205,7 +203,7 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
     assert rows["tower-separate"].captions == "mcot" and rows["target-image-only"].captions is None
 
     # the bank's own grid shares the main grid's cells: its full and no-bank are the same runs
-    bank = load_config(REPO / "configs" / "ablation" / "synthcir_bank.yaml")
+    bank = load_config("ablation/synthcir_bank")
     assert bank.out == config.out and bank.table != config.table
     assert bank.budget == config.budget and bank.overrides == config.overrides
     assert bank.captions["mcot"] == config.captions["mcot"]
@@ -224,7 +222,7 @@ def test_the_shipped_configs_load_and_cover_the_issue_rows():
         assert v.overrides["trainer.max_steps"] * v.overrides["data.batch_size"] == samples
 
     # the budget check reuses the grid's full runs and varies nothing but the step count
-    budget = load_config(REPO / "configs" / "ablation" / "synthcir_budget.yaml")
+    budget = load_config("ablation/synthcir_budget")
     assert budget.out == config.out and budget.table not in (config.table, bank.table)
     assert (budget.budget, budget.overrides) == (config.budget, config.overrides)
     full = config.variant("full")
@@ -812,8 +810,8 @@ def test_a_dry_run_says_which_cells_would_run_and_why(tmp_path, fit_yaml):
 def test_the_real_data_grids_pass_a_dry_run(name, tmp_path, monkeypatch, capsys):
     """Every row of the shipped FashionIQ and CIRR grids is a valid ``csmcir fit`` (resolved by
     the real parser and presets, in the subprocess a grid uses), before any data is there."""
-    monkeypatch.chdir(REPO)  # the grid's fit configs are relative to the repository
-    raw = yaml.safe_load((REPO / "configs" / "ablation" / f"{name}.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # its fit config is a packaged name: found from any folder
+    raw = yaml.safe_load(config_file(f"ablation/{name}").read_text())
     (tmp_path / "data").mkdir()
     grid = write_yaml(tmp_path / "grid.yaml", {**raw, "root": str(tmp_path / "data")})
     argv = ["ablate", "--config", str(grid), "--seeds", "0", "--out", str(tmp_path / "out")]
@@ -842,7 +840,7 @@ def test_ablate_runs_a_grid_and_reports_the_failing_rows(tiny_synthcir, tmp_path
     config = {
         "benchmark": "synthcir",
         "root": str(tiny_synthcir),
-        "fit_config": str(REPO / "configs" / "synthcir.yaml"),
+        "fit_config": "synthcir",
         "budget": {"trainer.max_steps": 2, "data.batch_size": 8},
         "overrides": {
             "data.val_batch_size": 64,

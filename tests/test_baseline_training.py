@@ -11,11 +11,11 @@ import pytest
 from csmcir.baselines import CLIP4Cir
 from csmcir.cli import main as csmcir_main
 from csmcir.model import CSMCIR
+from csmcir.packaged import config_file
 from csmcir.train.cli import run
 from csmcir.train.export import model_from_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "synthcir_clip4cir.yaml"
+CONFIG = config_file("synthcir_clip4cir")
 STEPS = 16
 
 

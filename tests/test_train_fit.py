@@ -18,14 +18,14 @@ from csmcir import cli as csmcir_cli
 from csmcir.data.registry import load_split
 from csmcir.errors import DataError
 from csmcir.model import CSMCIR
+from csmcir.packaged import config_file
 from csmcir.threads import LANES_ENV
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
 from csmcir.train.export import NamedCheckpointIO, model_from_checkpoint
 from csmcir.train.module import CSMCIRModule
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "synthcir.yaml"
+CONFIG = config_file("synthcir")
 BATCH = 8
 
 
@@ -314,7 +314,7 @@ def test_ddp_two_processes_gather_the_batch(synthcir: Path, captions: Path, tmp_
 def test_every_benchmark_config_parses(name: str, capsys):
     """Each YAML names only options that exist (LightningCLI rejects anything else)."""
     with pytest.raises(SystemExit) as exit_info:
-        run(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+        run(["fit", "--config", name, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert f"benchmark: {name}" in printed

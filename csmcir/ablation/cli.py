@@ -1,7 +1,7 @@
 """``csmcir ablate``: train and evaluate a grid of variants over seeds, then write the table.
 
-csmcir ablate --config configs/ablation/synthcir.yaml --seeds 0 1 2
-csmcir ablate --config configs/ablation/synthcir.yaml --variants full no-bank --dry-run
+csmcir ablate --config ablation/synthcir --seeds 0 1 2
+csmcir ablate --config ablation/synthcir --variants full no-bank --dry-run
 
 Writes under --out (default: the config's ``out``, else runs/ablation/<config name>):
 ``ablation.md`` and ``ablation.json`` (the table; the config's ``table`` key renames them, so
@@ -33,7 +33,11 @@ from csmcir.threads import LANES_ENV, available_cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablation/)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="ablation YAML: a file, or a packaged grid's name (ablation/synthcir, ablation/cirr)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
     p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
     p.add_argument("--variants", nargs="+", help="run only these (and what they start from)")
@@ -67,7 +71,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     if args.lanes < 1:
         raise ConfigError(f"--lanes must be at least 1, got {args.lanes}")
-    out = args.out or config.out or Path("runs") / "ablation" / args.config.stem
+    out = args.out or config.out or Path("runs") / "ablation" / config.path.stem
     grid = Grid(config, out, seeds, args.variants, force=args.force, timeout=args.timeout)
     grid.check_inputs()
     if args.dry_run:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from csmcir.errors import ConfigError
+from csmcir.packaged import config_file
 
 # Fit keys that decide how much training a run gets and on what data. A variant changes one only
 # when it lists the key under ``changes_budget``; the rest of the grid then stays comparable.
@@ -192,9 +193,10 @@ def overlaps(a: str, b: str) -> bool:
 
 
 def load_config(path: str | Path) -> AblationConfig:
-    """Read and check an ablation YAML; paths in it are relative to the working directory, like a
-    fit config's."""
-    path = Path(path)
+    """Read and check an ablation YAML (a file, or a packaged config's name such as
+    ``ablation/synthcir``). Paths in it are relative to the working directory, like a fit
+    config's; its ``fit_config`` may name a packaged fit config (``synthcir``)."""
+    path = config_file(path)
     raw = read_yaml(path, "ablation config")
 
     def where(key: str) -> str:
@@ -244,7 +246,7 @@ def load_config(path: str | Path) -> AblationConfig:
         path=path,
         benchmark=str(raw["benchmark"]),
         root=Path(raw["root"]),
-        fit_config=Path(raw["fit_config"]),
+        fit_config=config_file(raw["fit_config"], where("fit_config")),
         budget=budget,
         overrides=overrides,
         captions=captions,
@@ -421,7 +423,11 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], where: str, seen: tuple[
     return Variant(
         name=name,
         label=str(item.get("label", "")),
-        fit_config=Path(item["fit_config"]) if item.get("fit_config") else parent.fit_config,
+        fit_config=(
+            config_file(item["fit_config"], f"{at}.fit_config")
+            if item.get("fit_config")
+            else parent.fit_config
+        ),
         overrides=_overrides(merged, f"{at}.overrides"),
         captions=item.get("captions", parent.captions),
         init_from=item.get("init_from", parent.init_from),

@@ -144,7 +144,8 @@ class Grid:
         self._resolved: dict[tuple[str, ...], Resolved] = {}  # fit command -> its resolution
 
     def check_inputs(self) -> None:
-        """Stop before any run when the data or a fit config is missing: every cell needs them."""
+        """Stop before any run when the data is missing: every cell needs it (the fit configs
+        were found when the grid's YAML was read)."""
         if not self.root.is_dir():
             hint = (
                 " (make it with: csmcir data synth --out ROOT)"
@@ -152,12 +153,6 @@ class Grid:
                 else ""
             )
             raise ConfigError(f"{self.config.path}: root {self.root} is not a folder{hint}")
-        for v in self.variants:
-            fit_config = v.fit_config or self.config.fit_config
-            if not fit_config.is_file():
-                raise ConfigError(
-                    f"{self.config.path}: fit config of {v.name} not found: {fit_config}"
-                )
 
     def cells(self) -> list[Cell]:
         """Seeds outermost: after the first seed the table already holds every row."""

@@ -3,7 +3,7 @@
 csmcir features extract --model DIR|blip2-vitg [--weights DIR] --benchmark NAME --root DIR
                         [--split S ...] [--option KEY=VALUE ...] --out DIR
                         [--batch-size N] [--workers N] [--precision P] [--compile]
-csmcir features extract --config configs/cirr.yaml --out DIR   (model + data from a fit YAML)
+csmcir features extract --config cirr --out DIR   (model + data from a fit YAML or packaged config)
 csmcir features info DIR [--model DIR]
 """
 
@@ -20,10 +20,14 @@ from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
 from csmcir.model.config import PRECISIONS
 from csmcir.model.run_folder import model_folder
+from csmcir.packaged import config_file
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="a `csmcir fit` YAML: model and data come from it")
+    p.add_argument(
+        "--config",
+        help="a `csmcir fit` YAML or packaged config's name (cirr): model and data come from it",
+    )
     p.add_argument("--model", help="exported model folder, BLIP-2 folder, or preset blip2-vitg")
     p.add_argument("--weights", type=Path, help="BLIP-2 weights folder for --model blip2-vitg")
     p.add_argument("--benchmark", help="benchmark name (synthcir, cirr, fashioniq, ...)")
@@ -116,10 +120,9 @@ def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
 
 def apply_fit_config(args: argparse.Namespace) -> None:
     """Fill the model and data arguments from a fit YAML; flags given explicitly win."""
+    path = config_file(args.config)
     try:
-        config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {args.config}") from None
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {args.config}: malformed YAML: {e}") from None
     model, data = _section(config, "model"), _section(config, "data")

@@ -1,7 +1,8 @@
 """``csmcir fit`` and ``csmcir validate``: LightningCLI over CSMCIRModule and CIRDataModule.
 
-Every option is a flag or a YAML key (``--config configs/synthcir.yaml --data.root DIR
---data.captions FILE --trainer.max_steps N``); LightningCLI rejects unknown keys by name. On top
+Every option is a flag or a YAML key (``--config synthcir --data.root DIR --data.captions FILE
+--trainer.max_steps N``); LightningCLI rejects unknown keys by name. ``--config`` takes a YAML
+file or a packaged config's name (``synthcir``, ``cirr``: csmcir/configs/, csmcir.packaged). On top
 of Lightning's defaults a run gets, under ``trainer.default_root_dir`` (default
 ``checkpoints/<benchmark>-<preset>``):
 
@@ -35,6 +36,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from csmcir.device import check_accelerator
 from csmcir.errors import ConfigError, warn
 from csmcir.model.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
+from csmcir.packaged import config_file
 from csmcir.threads import available_cores, describe_threads, lanes_from_env, torch_threads
 from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import ExportModel, NamedCheckpointIO, unreadable_checkpoint
@@ -206,9 +208,33 @@ def next_version(folder: Path) -> str:
     return f"version_{max(taken, default=-1) + 1}"
 
 
+def with_config_files(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config``/``-c`` value that names a packaged config replaced by its
+    file. A value holding YAML text (LightningCLI takes that too) is left as it is."""
+    out, expect_value = [], False
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if expect_value:
+            out.append(_config_value(arg))
+        elif sep and flag in ("--config", "-c"):
+            out.append(f"{flag}={_config_value(value)}")
+        else:
+            out.append(arg)
+        expect_value = not sep and arg in ("--config", "-c")
+    return out
+
+
+def _config_value(value: str) -> str:
+    return value if ":" in value or "{" in value else str(config_file(value))
+
+
 def run(argv: list[str] | None) -> CSMCIRCLI:
     """Parse ``argv`` (``None``: ``sys.argv``), run the subcommand; the CLI keeps model,
     datamodule and trainer for inspection."""
+    if argv is None:  # rewritten in place: the DDP launcher re-runs sys.argv
+        sys.argv[1:] = with_config_files(sys.argv[1:])
+    else:
+        argv = with_config_files(argv)
     # The run folder holds the logs as well as the checkpoints; that is by design.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     return CSMCIRCLI(
