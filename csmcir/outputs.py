@@ -40,7 +40,8 @@ FOLDER_KINDS = (GALLERY_INDEX, SYNTH_BENCHMARK, CAPTION_SHARDS)
 
 # Files that mark a folder as something csmcir must not write into (described by name).
 RUN_FOLDER_FILES = ("model", "best", "last.ckpt", "best.ckpt", "quickstart.json", "logs")
-INDEX_META, SYNTH_CONFIG, CAPTION_RUN = "meta.json", "synth_config.json", "run.json"
+INDEX_META, CAPTION_RUN = "meta.json", "run.json"
+SYNTH_CONFIG, SYNTH_SCENES = "synth_config.json", "scenes.json"
 
 
 def record(kind: str, command: str, identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def file_digest(path: str | Path, length: int = 16) -> str:
 def read_record(path: Path) -> dict[str, Any] | None:
     """The provenance record of an existing output; None when it carries none."""
     if path.is_dir():
-        if (path / SYNTH_CONFIG).is_file():
+        if (path / SYNTH_CONFIG).is_file() or (path / SYNTH_SCENES).is_file():
             return {"kind": SYNTH_BENCHMARK, "identity": {}}
         if (path / CAPTION_RUN).is_file():
             run = _json(path / CAPTION_RUN)

@@ -283,3 +283,27 @@ def test_search_grids_are_named_per_query_and_replace_only_grids(
     assert f"replacing {mine}: it held the search grid of text add a red circle (now x)" in (
         capsys.readouterr().err
     )
+
+
+# -- data synth ----------------------------------------------------------------------------
+
+
+def test_data_synth_refuses_a_training_run_folder_even_with_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "last.ckpt").write_bytes(b"weights")
+    synth = ["data", "synth", "--out", str(run), "--train-refs", "2", "--val-refs", "2"]
+    synth += ["--test-refs", "2", "--image-size", "32"]
+    for extra in ([], ["--overwrite"]):
+        assert csmcir_main([*synth, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {run} holds a training run folder (model, last.ckpt)" in err
+        assert "Give --out a new folder" in err and "pass --overwrite" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["last.ckpt", "model"]
+    # its own benchmark: --overwrite regenerates it, and says so when missing
+    bench = tmp_path / "bench"
+    assert csmcir_main([*synth[:3], str(bench), *synth[4:]]) == 0
+    assert csmcir_main([*synth[:3], str(bench), *synth[4:]]) == 2
+    assert "holds a synthetic benchmark; pass --overwrite" in capsys.readouterr().err
+    assert csmcir_main([*synth[:3], str(bench), *synth[4:], "--overwrite"]) == 0

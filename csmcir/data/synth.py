@@ -25,6 +25,7 @@ from csmcir.data.synth_render import png_bytes, render_scene
 from csmcir.data.synth_scenes import ATTRIBUTES, GRID, Scene
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, atomic_write_text, read_json
+from csmcir.outputs import SYNTH_BENCHMARK, claim
 
 SCENES_VERSION = 1
 CONFIG_FILE = "synth_config.json"
@@ -43,18 +44,18 @@ def annotation_paths(out: Path) -> list[Path]:
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite``; then clear what an earlier run wrote.
+    """Refuse an ``out`` that holds anything but a synthetic benchmark (csmcir.outputs), and a
+    benchmark unless ``overwrite``; then clear what an earlier run wrote.
 
     Annotations go first, so an interrupted overwrite never leaves old annotations beside new
     images. Only files this generator writes are removed; anything else in ``out`` stays.
     """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    if claim(out, SYNTH_BENCHMARK, flag="--out") is None:
         return
     if not overwrite:
         raise ConfigError(
-            f"--out {out} is not empty; pass --overwrite to replace the benchmark in it"
+            f"--out {out} holds a synthetic benchmark; pass --overwrite to regenerate it "
+            "there, or give --out a new folder"
         )
     for path in annotation_paths(out):
         path.unlink(missing_ok=True)
@@ -219,7 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-objects", type=int, default=d.max_objects, help="objects per image")
     parser.add_argument("--image-size", type=int, default=d.image_size, help="image side in px")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace the benchmark in a non-empty --out"
+        "--overwrite",
+        action="store_true",
+        help="regenerate the synthetic benchmark in --out (any other folder is refused)",
     )
 
 
