@@ -4,7 +4,8 @@ The gallery is the expensive side (every image through the ViT) and does not cha
 metrics, protocol options or query sets, so its embeddings are stored per (model fingerprint,
 gallery) in a safetensors file. The key covers every image's id, path, size and modification
 time and the caption it was encoded with, so an edited image or caption file never reuses a
-stale entry.
+stale entry. Each entry records a SHA-256 of its embeddings' bytes: an entry whose bytes were
+changed on disk (zeroed, garbled) is named as corrupt and encoded again, never used.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from csmcir.model.features import CachedFeatures
 from csmcir.model.run_folder import model_folder
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CSMCIR_CACHE", Path.home() / ".cache" / "csmcir"))
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries carry a checksum of their embeddings
 
 
 def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
@@ -200,19 +200,26 @@ def encode_gallery(
         num_workers=num_workers,
     )
     if path is not None:
-        meta = {"model": fingerprint, "images": str(len(ids)), "version": CACHE_VERSION}
+        meta = {
+            "model": fingerprint,
+            "images": str(len(ids)),
+            "version": CACHE_VERSION,
+            "sha256": embeddings_checksum(embeddings),
+        }
         atomic_write_bytes(path, safetensors_bytes({"embeddings": embeddings}, metadata=meta))
     return embeddings, False
 
 
 def read_cached_gallery(path: Path, images: int) -> torch.Tensor | None:
-    """A cache entry's embeddings, or None to encode again: absent, or unreadable (cut short by
-    a full disk or a partial copy: entries are written atomically), which is said; the new
-    embeddings then replace it."""
+    """A cache entry's embeddings, or None to encode again: absent, unreadable (cut short by
+    a full disk or a partial copy: entries are written atomically) or corrupt (its bytes no
+    longer match its checksum), which is said; the new embeddings then replace it."""
     if not path.is_file():
         return None
     try:
-        cached = load_file(path)["embeddings"]
+        with safe_open(str(path), framework="pt") as f:
+            checksum = (f.metadata() or {}).get("sha256")
+            cached = f.get_tensor("embeddings")
     except (SafetensorError, OSError, KeyError) as e:
         warn(f"gallery cache entry {path} is unreadable ({e}); encoding the gallery again")
         return None
@@ -222,7 +229,19 @@ def read_cached_gallery(path: Path, images: int) -> torch.Tensor | None:
             "encoding the gallery again"
         )
         return None
+    if checksum != embeddings_checksum(cached):
+        warn(
+            f"gallery cache entry {path} is corrupt: its embeddings do not match the checksum "
+            "written with them; encoding the gallery again"
+        )
+        return None
     return cached
+
+
+def embeddings_checksum(embeddings: torch.Tensor) -> str:
+    """SHA-256 of the embeddings' bytes, kept in the cache entry's header."""
+    data = embeddings.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().data).hexdigest()
 
 
 def score_matrix(model, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
