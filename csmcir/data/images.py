@@ -9,7 +9,9 @@ is a setting, ``$CSMCIR_MAX_IMAGE_PIXELS`` (default: Pillow's own, 89,478,485 pi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,13 +43,30 @@ class ImageTooLargeError(DataError):
     """An image over the pixel limit: refused before it is decoded."""
 
 
-def _too_large(where: str | Path, size: tuple[int, int] | None, limit: int) -> ImageTooLargeError:
-    # Pillow refuses above twice the limit without saying the size.
-    shape = f"{size[0]} x {size[1]} = {size[0] * size[1]:,}" if size else f"over {2 * limit:,}"
-    return ImageTooLargeError(
-        f"image {where} has {shape} pixels, over the limit of {limit:,} (a guard against "
-        f"decompression bombs); if the image is genuine, raise ${MAX_PIXELS_ENV}"
+def _too_large(where: str | Path, size: tuple[int, int] | int, limit: int) -> ImageTooLargeError:
+    """The refusal of an image of ``size`` (width, height) or of ``size`` pixels in all."""
+    pixels = size if isinstance(size, int) else size[0] * size[1]
+    shape = (
+        _pixels(pixels) if isinstance(size, int) else f"{size[0]} x {size[1]} = {_pixels(pixels)}"
     )
+    enough = -(-pixels // 1_000_000) * 1_000_000  # rounded up to whole megapixels
+    return ImageTooLargeError(
+        f"image {where} has {shape}, over the limit of {_pixels(limit)} (a guard against "
+        f"decompression bombs, set by ${MAX_PIXELS_ENV}); if the image is genuine, raise it, "
+        f"e.g. {MAX_PIXELS_ENV}={enough}"
+    )
+
+
+def _pixels(n: int) -> str:
+    """A pixel count as people read it: megapixels once it is large."""
+    return f"{n / 1e6:,.1f} megapixels" if n >= 1_000_000 else f"{n:,} pixels"
+
+
+def _bomb_pixels(error: Image.DecompressionBombError, limit: int) -> int:
+    """The pixel count Pillow's refusal states ("Image size (N pixels) exceeds ..."); Pillow
+    refuses at twice the limit, so that is the least the image has when the text differs."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return int(found.group(1)) if found else 2 * limit + 1
 
 
 @contextlib.contextmanager
@@ -65,8 +84,8 @@ def open_image(source: str | Path | IO[bytes], where: str | Path | None = None) 
             # Between the limit and twice it Pillow only warns; the check below refuses.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(source)
-    except Image.DecompressionBombError:
-        raise _too_large(where, None, limit) from None
+    except Image.DecompressionBombError as e:
+        raise _too_large(where, _bomb_pixels(e, limit), limit) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"unreadable image {where}: {e}") from None
     with img:
@@ -90,6 +109,14 @@ def load_image(path: str | Path, name: str | None = None) -> Image.Image:
             return img.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"unreadable image {where}: {e}") from None
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """A SHA-256 of an image's mode, size and pixels: equal for two files of the same picture,
+    whatever their format or compression."""
+    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 def verify_image(path: str | Path) -> str | None:
