@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from csmcir.errors import DataError
+from csmcir.errors import ConfigError, DataError
 
 
 def _umask() -> int:
@@ -38,6 +38,27 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output whose folder cannot be made or written in (a file in
+    its way, no permission, a read-only disk), naming ``flag``: found only when the result is
+    written, it would cost the work and end in a traceback. Nothing is created."""
+    path = Path(path)
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{flag} {path}: its folder {folder} cannot be made, {existing} is a file. "
+            f"Give {flag} a path in a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag} {path}: {existing} cannot be written in (no permission or a read-only "
+            f"disk). Give {flag} a path in a folder you can write"
+        )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from csmcir.errors import ConfigError, warn
+from csmcir.io import check_writable
 
 RECORD_KEY = "@csmcir"
 
@@ -174,6 +175,7 @@ def claim(
     ``other_identity="refuse"``. Returns the record of what is replaced, None for a new path.
     """
     noun = "folder" if kind in FOLDER_KINDS else "file"
+    check_writable(path, flag)
     for what, source in (reads or {}).items():
         if source is not None and same_file(path, Path(source)):
             raise ConfigError(

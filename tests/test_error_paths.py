@@ -41,3 +41,44 @@ def test_a_worker_error_is_the_same_one_message_as_in_the_main_process(
         said.append(error_lines(err))
     assert said[0] == said[1]
     assert len(said[0]) == 1 and f"unreadable image {image}" in said[0][0]
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tiny_synth, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "index"
+    argv = ["index", "build", "--model", "tiny", "--benchmark", "synthcir", "--root"]
+    argv += [str(tiny_synth), "--split", "test", "--empty-captions", "--no-cache"]
+    assert csmcir_main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def search(index: Path, root: Path, grid: Path) -> list[str]:
+    ref = sorted((root / "test").glob("*.png"))[0]
+    argv = ["search", "--index", str(index), "--ref", str(ref), "--text", "make it red"]
+    return [*argv, "-k", "3", "--device", "cpu", "--grid", str(grid)]
+
+
+def test_a_grid_folder_that_cannot_be_made_is_refused_before_the_search(
+    tiny_synth, tiny_index, tmp_path, capsys
+):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file where the grid's folder would go\n")
+    grid = blocker / "grids" / "g.png"
+    assert csmcir_main(search(tiny_index, tiny_synth, grid)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before searching, not after printing the results
+    (line,) = error_lines(err)
+    assert f"--grid {grid}: its folder {grid.parent} cannot be made, {blocker} is a file" in line
+
+
+def test_a_grid_name_of_another_format_is_refused_and_png_is_png(
+    tiny_synth, tiny_index, tmp_path, capsys
+):
+    jpg = tmp_path / "grid.jpg"
+    assert csmcir_main(search(tiny_index, tiny_synth, jpg)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"--grid {jpg} ends in '.jpg'" in line and "end the name in .png" in line
+    assert not jpg.exists()
+    png = tmp_path / "grid.png"
+    assert csmcir_main(search(tiny_index, tiny_synth, png)) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from csmcir.data.images import load_image
+from csmcir.errors import ConfigError
 from csmcir.io import atomic_write
 from csmcir.outputs import RECORD_KEY, SEARCH_GRID, record
 
@@ -33,6 +34,17 @@ class GridItem:
     score: float
 
 
+def check_grid_path(path: Path, flag: str = "grid") -> None:
+    """A grid is a PNG, since its provenance record lives in a PNG text chunk: a name ending in
+    another suffix (``x.jpg``) would hold bytes of another format than it says, so it is refused."""
+    if path.suffix.lower() != ".png":
+        named = f"ends in {path.suffix!r}" if path.suffix else "has no suffix"
+        raise ConfigError(
+            f"{flag} {path} {named}: a retrieval grid is written as PNG (with the search it "
+            "shows inside, so a later search knows it may replace it); end the name in .png"
+        )
+
+
 def save_grid(
     path: str | Path,
     reference: Image.Image,
@@ -48,6 +60,8 @@ def save_grid(
     The PNG carries its provenance record (``identity``: the query and index it shows), so a
     later search may replace it and nothing else (csmcir.outputs).
     """
+    path = Path(path)
+    check_grid_path(path)
     font = ImageFont.load_default(size=13)
     big = ImageFont.load_default(size=16)
     rows = max(1, -(-len(results) // columns))
@@ -77,7 +91,7 @@ def save_grid(
 
     info = PngInfo()
     info.add_text(RECORD_KEY, json.dumps(record(SEARCH_GRID, "csmcir search", identity or {})))
-    return atomic_write(Path(path), lambda f: canvas.save(f, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG", pnginfo=info))
 
 
 def _open(path: str | Path | None) -> Image.Image | None:

@@ -22,7 +22,7 @@ from csmcir.errors import ConfigError, DataError, warn
 from csmcir.model.run_folder import model_folder
 from csmcir.model.tokenizer import describe_cut
 from csmcir.outputs import SEARCH_GRID, claim, short_digest
-from csmcir.retrieval.grid import ECHOED, GridItem, save_grid, shorten
+from csmcir.retrieval.grid import ECHOED, GridItem, check_grid_path, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
 
 
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     reference = load_image(args.ref)  # not an image: a DataError naming the file
     identity = {"ref": str(args.ref.resolve()), "text": args.text, "index": str(args.index)}
     grid = args.grid or default_grid(args)
+    check_grid_path(grid, "--grid")
     claim(grid, SEARCH_GRID, flag="--grid", reads={"the --ref image": args.ref}, identity=identity)
     index = GalleryIndex.load(args.index)
     from csmcir.model import CSMCIR
