@@ -252,6 +252,14 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
     recorded = read_json(record, "quickstart record")["settings"] if record.is_file() else None
     same = recorded == wanted
     if (model_dir / MODEL_CONFIG).is_file() and same and not args.retrain:
+        if read_json(record, "quickstart record").get("model") != model_digest(model_dir):
+            raise ConfigError(
+                f"{model_dir} is not the model the quickstart trained with these settings: "
+                "the quickstart record names another one (another csmcir fit in --run-dir "
+                f"{args.run_dir} replaced it, or training was cut off before the record was "
+                "finished); reporting it would report another model. Pass --retrain to train "
+                "it again with these settings, or give them their own folder: --run-dir DIR"
+            )
         return model_dir, f"reusing {model_dir} (same settings; --retrain to train again)"
     earlier = earlier_run(args.run_dir)
     if earlier and not same and not (args.retrain or args.overwrite):
@@ -287,9 +295,21 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
     elif earlier:
         argv += ["--overwrite", "true"]
     cli = fit(argv)
+    trained = {"settings": wanted, "device": str(args.device), "model": model_digest(model_dir)}
+    atomic_write_json(record, trained)  # what a later run may reuse, and only that
     steps = cli.trainer.global_step
     how = f"resumed from {LAST_CKPT}, " if resume else ""
     return model_dir, f"{steps} steps ({how}exported to {model_dir})"
+
+
+def model_digest(model_dir: Path) -> str:
+    """The identity of an exported model folder: a digest of its config and weights files."""
+    from csmcir.model.folder import WEIGHTS_FILE
+    from csmcir.model.run_folder import MODEL_CONFIG
+    from csmcir.outputs import file_digest, short_digest
+
+    files = [model_dir / name for name in (MODEL_CONFIG, WEIGHTS_FILE)]
+    return short_digest(*(file_digest(f) for f in files if f.is_file()), length=16)
 
 
 def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any], str]:

@@ -116,6 +116,16 @@ def test_a_model_of_other_settings_is_refused_retrained_or_resumed(tmp_path, mon
     quickstart.train(args_of(*base[:2], "--steps", "30", "--retrain"), captions)
     assert fit.calls[-1][-2:] == ["--overwrite", "true"]  # csmcir fit replaces the old run
 
+    # another csmcir fit (20 steps, say) replaced the model in the run folder: not reused
+    (run_dir / "model" / "config.json").write_text('{"another": "fit"}')
+    with pytest.raises(ConfigError) as refused:
+        quickstart.train(args_of(*base[:2], "--steps", "30"), captions)
+    assert f"{run_dir / 'model'} is not the model the quickstart trained" in str(refused.value)
+    assert "--retrain" in str(refused.value) and len(fit.calls) == 2
+    quickstart.train(args_of(*base[:2], "--steps", "30", "--retrain"), captions)
+    _, summary = quickstart.train(args_of(*base[:2], "--steps", "30"), captions)
+    assert "reusing" in summary and len(fit.calls) == 3
+
     # killed mid-training: its settings are recorded, last.ckpt is there, no model yet
     (run_dir / "model" / "config.json").unlink()
     _, summary = quickstart.train(args_of(*base[:2], "--steps", "30"), captions)
