@@ -5,6 +5,7 @@ interrupted runs, empty splits."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,16 @@ def test_a_grid_name_of_another_format_is_refused_and_png_is_png(
     png = tmp_path / "grid.png"
     assert csmcir_main(search(tiny_index, tiny_synth, png)) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_demo_port_in_use_is_named_before_the_model_loads(tmp_path, capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # the index does not exist: the port is checked first, so the port is what is named
+        argv = ["demo", "--index", str(tmp_path / "index"), "--port", str(port)]
+        assert csmcir_main([*argv, "--device", "cpu"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"--port {port}: cannot serve on 127.0.0.1:{port}" in line
+    assert "Pass another --port" in line and "GRADIO_SERVER_PORT" not in line

@@ -10,6 +10,7 @@ public share link. Uploaded references are capped at --max-upload-mb and must de
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from csmcir.demo.engine import DEFAULT_MAX_UPLOAD_MB, RetrievalDemo
@@ -39,8 +40,8 @@ def main(argv: list[str]) -> int:
     )
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    if args.port is not None and not 1 <= args.port <= 65535:
-        raise ConfigError(f"--port must be within 1..65535, got {args.port}")
+    if args.port is not None:
+        check_port(args.host, args.port)
 
     demo = RetrievalDemo.load(args.index, args.model, args.device, args.max_upload_mb)
     from csmcir.demo.app import serve
@@ -51,3 +52,25 @@ def main(argv: list[str]) -> int:
         print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
         app.block_thread()
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a ``--port`` the page could not serve on, before the model loads: in use, or
+    not ours to bind. Without it Gradio fails after loading, telling the user to set
+    ``GRADIO_SERVER_PORT``, which this command does not read."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be within 1..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: not an address to serve on ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"--port {port}: cannot serve on {host}:{port} ({e.strerror}; another server, "
+                "perhaps another csmcir demo, may hold it). Pass another --port, or leave --port "
+                "out to take the first free port from 7860"
+            ) from None
