@@ -324,7 +324,8 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any],
     from csmcir.model import CSMCIR
 
     split = load_split("synthcir", args.root, "test")
-    captions = load_captions(args.root / CAPTIONS)
+    gallery = {g: split.image_path(g) for g in split.gallery}
+    captions = load_captions(args.root / CAPTIONS, gallery, benchmark="synthcir")
     trained = CSMCIR.from_pretrained(model_dir).to(args.device).eval()
     # The untrained baseline: same architecture and tokenizer, fresh random weights.
     torch.manual_seed(args.seed)

@@ -83,7 +83,10 @@ def plot_embeddings(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     options = {"category": args.category} if args.category else {}
     split = load_split(args.benchmark, args.root, args.split, **options)
-    captions = load_captions(args.captions) if args.captions else None
+    gallery = {g: split.image_path(g) for g in split.gallery}
+    captions = (
+        load_captions(args.captions, gallery, benchmark=args.benchmark) if args.captions else None
+    )
     queries = sample_queries(split, args.queries, args.seed)
 
     def corpus() -> list[str]:

@@ -188,7 +188,10 @@ class CIRDataModule(L.LightningDataModule):
                         f"--data.captions: caption file not found: {self.captions_path}. "
                         f"Make it with: {self._caption_command()}"
                     )
-                self.captions = load_captions(self.captions_path)
+                gallery = {g: s.image_path(g) for _, s in self.splits.val for g in s.gallery}
+                self.captions = load_captions(
+                    self.captions_path, gallery, benchmark=self.benchmark, flag="--data.captions"
+                )
         if stage == "fit":
             self._load_train()
 
