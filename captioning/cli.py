@@ -220,6 +220,11 @@ def format_record(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def resume_hint(argv: list[str]) -> str | None:
+    """After Ctrl+C in ``caption run``: the shards keep every finished record."""
+    return "the captions it wrote are kept" if argv[:1] == ["run"] else None
+
+
 def main(argv: list[str]) -> int | None:
     parser = argparse.ArgumentParser(prog="csmcir caption", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True)

@@ -1,12 +1,15 @@
 """The ``csmcir`` command: a thin dispatcher to one module per verb.
 
 Each verb's module is imported only when that verb runs, so ``csmcir data synth`` does not pay
-for importing torch. A verb module exposes ``main(argv: list[str]) -> int | None``.
+for importing torch. A verb module exposes ``main(argv: list[str]) -> int | None``, and may
+expose ``resume_hint(argv: list[str]) -> str | None``: what a run stopped by Ctrl+C keeps when
+the same command is run again to go on.
 """
 
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 
 from csmcir.errors import CsmcirError
@@ -66,9 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csmcir {verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"csmcir {verb}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(verb, module, rest)
+    except SystemExit as e:
+        # Lightning meets Ctrl+C with its own shutdown and then sys.exit(1)
+        if isinstance(e.__context__, KeyboardInterrupt):
+            return interrupted(verb, module, rest)
+        raise
     return int(code or 0)
+
+
+def interrupted(verb: str, module, rest: list[str]) -> int:
+    """Say that Ctrl+C stopped the command and, where the verb can go on, the command that
+    does; exit status 130 (128 + SIGINT), as a shell reports it."""
+    kept = getattr(module, "resume_hint", lambda _: None)(rest)
+    said = f"csmcir {verb}: interrupted"
+    if kept:
+        again = shlex.join(["csmcir", verb, *rest])
+        said += f"; {kept}. To go on, run the same command again: {again}"
+    print(said, file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def resume_hint(argv: list[str]) -> str:
+    """After Ctrl+C: every stage reuses or finishes what an earlier run of its settings left."""
+    return "the stages it finished are kept"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="csmcir quickstart", description=__doc__)
     add_arguments(parser)

@@ -4,9 +4,12 @@ interrupted runs, empty splits."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
+import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -96,3 +99,40 @@ def test_a_demo_port_in_use_is_named_before_the_model_loads(tmp_path, capsys):
     (line,) = error_lines(capsys.readouterr().err)
     assert f"--port {port}: cannot serve on 127.0.0.1:{port}" in line
     assert "Pass another --port" in line and "GRADIO_SERVER_PORT" not in line
+
+
+def lightning_interrupted(*_args, **_kwargs):
+    """What Lightning does on Ctrl+C during fit: its own shutdown, then sys.exit(1)."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.exit(1)
+
+
+@pytest.mark.parametrize(
+    ("stage", "stop"),
+    [
+        ("csmcir.data.synth.write_images", KeyboardInterrupt),
+        ("csmcir.quickstart.make_data", lightning_interrupted),
+    ],
+)
+def test_an_interrupted_quickstart_says_the_command_that_goes_on(stage, stop, tmp_path, capsys):
+    argv = ["quickstart", "--size", "small", "--root", str(tmp_path / "data")]
+    argv += ["--run-dir", str(tmp_path / "run")]
+    with patch(stage, side_effect=stop):
+        assert csmcir_main(argv) == 130
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (
+        "csmcir quickstart: interrupted; the stages it finished are kept. To go on, run the "
+        f"same command again: {shlex.join(['csmcir', *argv])}"
+    )
+
+
+def test_an_interrupted_caption_run_says_the_command_that_goes_on(tiny_synth, tmp_path, capsys):
+    argv = ["caption", "run", "--benchmark", "synthcir", "--root", str(tiny_synth)]
+    argv += ["--split", "val", "--backend", "oracle", "--out", str(tmp_path / "shards")]
+    with patch("captioning.runner.run_captioning", side_effect=KeyboardInterrupt):
+        assert csmcir_main(argv) == 130
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "the captions it wrote are kept. To go on, run the same command again: " in line
+    assert line.endswith(shlex.join(["csmcir", *argv]))

@@ -212,6 +212,11 @@ def run_info(args: argparse.Namespace) -> None:
         print("  valid for the given model: yes")
 
 
+def resume_hint(argv: list[str]) -> str | None:
+    """After Ctrl+C in ``features extract``: finished shards are kept and skipped next time."""
+    return "its finished shards are kept" if argv[:1] == ["extract"] else None
+
+
 def main(argv: list[str]) -> int | None:
     parser = argparse.ArgumentParser(prog="csmcir features", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
