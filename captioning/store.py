@@ -129,6 +129,13 @@ def _check_record(obj: Any, where: str) -> dict[str, Any]:
     return obj
 
 
+# How to go on from a bad line inside a shard (a torn last line is repaired by itself).
+CORRUPT = (
+    "; the caption store is corrupt. Delete that line (or the whole shard file) and run the same "
+    "csmcir caption run again: it captions the images whose records are gone"
+)
+
+
 def read_shard(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The records of one shard file and whether its last line was torn (and so ignored).
 
@@ -141,12 +148,11 @@ def read_shard(path: Path) -> tuple[list[dict[str, Any]], bool]:
     for lineno, line in enumerate(lines, 1):
         where = f"{path}, line {lineno}"
         try:
-            obj = json.loads(line)
+            records.append(_check_record(json.loads(line), where))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(
-                f"{where}: malformed record ({e}); the caption store is corrupt"
-            ) from None
-        records.append(_check_record(obj, where))
+            raise DataError(f"{where}: malformed record ({e}){CORRUPT}") from None
+        except DataError as e:
+            raise DataError(f"{e}{CORRUPT}") from None
     return records, torn
 
 

@@ -61,12 +61,18 @@ def test_a_torn_last_line_is_cut_and_its_image_redone(tmp_path):
     assert [json.loads(line)["image_id"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
-def test_a_corrupt_line_inside_a_shard_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize("bad", ["{oops", json.dumps({"image_id": "b", "status": "ok"})])
+def test_a_corrupt_line_inside_a_shard_is_named_with_the_step_that_recovers(tmp_path, bad):
     with CaptionStore(tmp_path) as store:
         store.append(ok("a"))
-    store.path.write_text(store.path.read_text() + "{oops\n" + json.dumps(ok("c")) + "\n")
-    with pytest.raises(DataError, match=r"shard-0000-of-0001\.jsonl, line 2: malformed"):
+    store.path.write_text(store.path.read_text() + bad + "\n" + json.dumps(ok("c")) + "\n")
+    with pytest.raises(DataError, match=r"shard-0000-of-0001\.jsonl, line 2: ") as refused:
         CaptionStore(tmp_path).__enter__()
+    assert "Delete that line (or the whole shard file) and run the same" in str(refused.value)
+    lines = store.path.read_text().splitlines()  # the advice, followed
+    store.path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    with CaptionStore(tmp_path) as store:
+        assert store.pending(["a", "b", "c"]) == ["b"]
 
 
 def test_records_are_checked_before_they_are_written(tmp_path):
