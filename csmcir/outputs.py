@@ -35,9 +35,11 @@ EVAL_RESULTS = "results file"
 CAPTION_FILE = "caption file"
 GALLERY_INDEX = "gallery index"
 SEARCH_GRID = "search grid"
+EMBEDDING_PLOT = "embedding plot"
 SYNTH_BENCHMARK = "synthetic benchmark"
 CAPTION_SHARDS = "caption shard folder"
-FOLDER_KINDS = (GALLERY_INDEX, SYNTH_BENCHMARK, CAPTION_SHARDS)
+FEATURE_CACHE = "feature cache"
+FOLDER_KINDS = (GALLERY_INDEX, SYNTH_BENCHMARK, CAPTION_SHARDS, FEATURE_CACHE)
 
 # Files that mark a folder as something csmcir must not write into (described by name).
 RUN_FOLDER_FILES = ("model", "best", "last.ckpt", "best.ckpt", "quickstart.json", "logs")
@@ -82,6 +84,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
             return meta[RECORD_KEY]
         if isinstance(meta, dict) and "model_fingerprint" in meta:  # built by an older csmcir
             return {"kind": GALLERY_INDEX, "identity": {}}
+        if isinstance(meta, dict) and "feature_shape" in meta:  # its fingerprint is checked
+            return {"kind": FEATURE_CACHE, "identity": {}}  # by csmcir features extract
         return None
     if path.suffix.lower() == ".png":
         return _png_record(path)

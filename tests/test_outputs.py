@@ -307,3 +307,38 @@ def test_data_synth_refuses_a_training_run_folder_even_with_overwrite(tmp_path, 
     assert csmcir_main([*synth[:3], str(bench), *synth[4:]]) == 2
     assert "holds a synthetic benchmark; pass --overwrite" in capsys.readouterr().err
     assert csmcir_main([*synth[:3], str(bench), *synth[4:], "--overwrite"]) == 0
+
+
+# -- plot embeddings and features extract -------------------------------------------------
+
+
+def test_plot_embeddings_refuses_its_captions_and_pictures_it_did_not_draw(
+    twins, models, tmp_path, capsys
+):
+    a, _ = twins
+    plot = ["plot", "embeddings", "--model", str(models[0]), "--benchmark", "synthcir"]
+    plot += ["--root", str(a), "--queries", "6", "--method", "pca", "--device", "cpu"]
+    caps = tmp_path / "caps.json"
+    shutil.copy(a / "captions.json", caps)
+    # the JSON report beside caps.png would be the caption file itself
+    assert csmcir_main([*plot, "--captions", str(caps), "--out", str(tmp_path / "caps.png")]) == 2
+    assert f"--out {caps} is the --captions file, which this command reads" in (
+        capsys.readouterr().err
+    )
+    photo = tmp_path / "photo.png"
+    shutil.copy(a / "val" / "val-00001.png", photo)
+    assert csmcir_main([*plot, "--captions", str(caps), "--out", str(photo)]) == 2
+    assert "holds a file csmcir did not write" in capsys.readouterr().err
+    out = tmp_path / "plot.png"
+    assert csmcir_main([*plot, "--captions", str(caps), "--out", str(out)]) == 0
+    assert csmcir_main([*plot, "--captions", str(caps), "--out", str(out)]) == 0  # its own
+
+
+def test_features_extract_refuses_a_dataset_root(twins, models, capsys):
+    a, _ = twins
+    extract = ["features", "extract", "--model", str(models[0]), "--benchmark", "synthcir"]
+    assert csmcir_main([*extract, "--root", str(a), "--split", "val", "--out", str(a)]) == 2
+    assert f"--out {a} holds a synthetic benchmark, not a feature cache" in (
+        capsys.readouterr().err
+    )
+    assert not (a / "meta.json").exists()

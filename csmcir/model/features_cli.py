@@ -175,6 +175,7 @@ def image_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def run_extract(args: argparse.Namespace) -> None:
     from csmcir.model.features import extract_features
+    from csmcir.outputs import FEATURE_CACHE, claim
 
     args.model_options = {}
     if args.config is not None:
@@ -182,6 +183,7 @@ def run_extract(args: argparse.Namespace) -> None:
     for flag in ("model", "benchmark", "root"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag} is required (or a --config that names it)")
+    claim(args.out, FEATURE_CACHE, flag="--out")  # a new folder or a cache to resume
     model = load_model(str(args.model), args.weights, args.model_options).to(args.device)
     if not model.config.freeze_vision:
         print("note: this model's ViT is trainable; the cache is valid only for these weights")

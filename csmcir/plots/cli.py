@@ -16,6 +16,7 @@ from pathlib import Path
 from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError
 from csmcir.io import atomic_write_json
+from csmcir.outputs import EMBEDDING_PLOT, RECORD_KEY, claim, record
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +84,10 @@ def plot_embeddings(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     options = {"category": args.category} if args.category else {}
     split = load_split(args.benchmark, args.root, args.split, **options)
+    identity = {"models": args.models, "benchmark": args.benchmark, "split": split.split}
+    for out in (args.out, args.out.with_suffix(".json")):  # checked before any embedding
+        reads = {"the --captions file": args.captions}
+        claim(out, EMBEDDING_PLOT, flag="--out", reads=reads, identity=identity)
     gallery = {g: split.image_path(g) for g in split.gallery}
     captions = (
         load_captions(args.captions, gallery, benchmark=args.benchmark) if args.captions else None
@@ -118,8 +123,10 @@ def plot_embeddings(args: argparse.Namespace) -> dict:
                 "stats": stats,
             }
         )
-    save_panels(panels, args.out, args.method)
+    made = record(EMBEDDING_PLOT, "csmcir plot embeddings", identity)
+    save_panels(panels, args.out, args.method, made)
     report = {
+        RECORD_KEY: made,
         "benchmark": args.benchmark,
         "split": split.split,
         "queries": len(queries),

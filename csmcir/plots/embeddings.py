@@ -16,6 +16,7 @@ matched query-target pairs, of unmatched pairs, and of each query with its own r
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 from csmcir.data.records import CIRSplit
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write
+from csmcir.outputs import RECORD_KEY
 
 KINDS = ("reference", "query", "target")
 COLOURS = {"reference": "#7f7f7f", "query": "#1f77b4", "target": "#d62728"}
@@ -145,8 +147,11 @@ class Panel:
     stats: dict[str, float]
 
 
-def save_panels(panels: Sequence[Panel], path: str | Path, method: str) -> Path:
-    """One PNG, one square panel per model side by side: ``500 * len(panels)`` x 560 pixels."""
+def save_panels(
+    panels: Sequence[Panel], path: str | Path, method: str, provenance: dict | None = None
+) -> Path:
+    """One PNG, one square panel per model side by side: ``500 * len(panels)`` x 560 pixels;
+    ``provenance`` (csmcir.outputs) goes into a PNG text chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +177,9 @@ def save_panels(panels: Sequence[Panel], path: str | Path, method: str) -> Path:
     fig.suptitle(f"{method} of reference, query and target embeddings", fontsize=11)
     fig.tight_layout()
     try:
-        return atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=DPI))
+        metadata = {RECORD_KEY: json.dumps(provenance)} if provenance else None
+        return atomic_write(
+            Path(path), lambda f: fig.savefig(f, format="png", dpi=DPI, metadata=metadata)
+        )
     finally:
         plt.close(fig)
