@@ -342,3 +342,12 @@ def test_features_extract_refuses_a_dataset_root(twins, models, capsys):
         capsys.readouterr().err
     )
     assert not (a / "meta.json").exists()
+
+
+def test_training_refuses_the_caption_file_of_another_benchmark(twins):
+    from csmcir.train.datamodule import CIRDataModule
+
+    a, b = twins
+    CIRDataModule("synthcir", a, a / "captions.json").setup("validate")
+    with pytest.raises(DataError, match=r"--data.captions .* describes other images than these"):
+        CIRDataModule("synthcir", a, b / "captions.json").setup("validate")
