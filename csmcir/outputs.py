@@ -8,10 +8,14 @@ holds and the flag that goes on. A path that is one of the command's own inputs 
 
 Where the record lives depends on the output's format:
 
-- a JSON file (evaluation results, a merged caption file): the top-level key ``"@csmcir"``;
-- a PNG (a search grid): the text chunk ``"@csmcir"``;
+- a JSON file (evaluation results, a merged caption file, an embedding plot's numbers): the
+  top-level key ``"@csmcir"``;
+- a PNG (a search grid, an embedding plot): the text chunk ``"@csmcir"``;
 - a folder: the record file of its kind (a gallery index's ``meta.json``, a synthetic
-  benchmark's ``synth_config.json``, a caption run's ``run.json``).
+  benchmark's ``synth_config.json``, a caption run's ``run.json``, a feature cache's
+  ``meta.json``).
+
+Outputs of an older csmcir, written before these records, are recognised by their layout.
 
 A record is ``{"kind": ..., "command": ..., "identity": {...}}``; the identity names the inputs
 that distinguish the output (model, split, captions, query), and default output names carry
@@ -88,8 +92,13 @@ def read_record(path: Path) -> dict[str, Any] | None:
             return {"kind": FEATURE_CACHE, "identity": {}}  # by csmcir features extract
         return None
     if path.suffix.lower() == ".png":
-        return _png_record(path)
+        found = _png_record(path)
+        if found is None and _is_plot_report(_json(path.with_suffix(".json"))):
+            return {"kind": EMBEDDING_PLOT, "identity": {}}  # drawn by an older csmcir
+        return found
     data = _json(path) if path.suffix.lower() == ".json" else None
+    if _is_plot_report(data) and RECORD_KEY not in data:
+        return {"kind": EMBEDDING_PLOT, "identity": {}}
     if isinstance(data, dict):
         found = data.get(RECORD_KEY)
         if isinstance(found, dict) and "kind" in found:
@@ -102,6 +111,11 @@ def read_record(path: Path) -> dict[str, Any] | None:
         ):
             return {"kind": CAPTION_FILE, "identity": {}}
     return None
+
+
+def _is_plot_report(data: Any) -> bool:
+    """Whether ``data`` is the numbers ``csmcir plot embeddings`` writes beside its PNG."""
+    return isinstance(data, dict) and {"png", "models", "method"} <= set(data)
 
 
 def _json(path: Path) -> Any:
@@ -174,9 +188,9 @@ def claim(
     """Check that a command may write an output of ``kind`` at ``path`` (given by ``flag``).
 
     ``reads``: the command's inputs, what each is (``"the --captions file"``) -> its path;
-    writing over one is refused. An output of
-    the same kind is replaced (said when its identity differs from ``identity``), unless
-    ``other_identity="refuse"``. Returns the record of what is replaced, None for a new path.
+    writing over one is refused. An output of the same kind is replaced (said when its
+    identity differs from ``identity``), unless ``other_identity="refuse"``. Returns the
+    record of what is replaced, None for a new path.
     """
     noun = "folder" if kind in FOLDER_KINDS else "file"
     check_writable(path, flag)

@@ -257,12 +257,17 @@ def train(args: argparse.Namespace, captions_file: Path) -> tuple[Path, str]:
     recorded = read_json(record, "quickstart record")["settings"] if record.is_file() else None
     same = recorded == wanted
     if (model_dir / MODEL_CONFIG).is_file() and same and not args.retrain:
-        if read_json(record, "quickstart record").get("model") != model_digest(model_dir):
+        trained = read_json(record, "quickstart record").get("model")
+        if trained != model_digest(model_dir):
+            why = (
+                f"another csmcir fit in --run-dir {args.run_dir} replaced it"
+                if trained
+                else "the quickstart record names none: written by an older csmcir, or "
+                "training stopped before it was finished"
+            )
             raise ConfigError(
-                f"{model_dir} is not the model the quickstart trained with these settings: "
-                "the quickstart record names another one (another csmcir fit in --run-dir "
-                f"{args.run_dir} replaced it, or training was cut off before the record was "
-                "finished); reporting it would report another model. Pass --retrain to train "
+                f"{model_dir} is not the model the quickstart trained with these settings "
+                f"({why}); reporting it would report another model. Pass --retrain to train "
                 "it again with these settings, or give them their own folder: --run-dir DIR"
             )
         return model_dir, f"reusing {model_dir} (same settings; --retrain to train again)"

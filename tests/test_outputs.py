@@ -351,3 +351,33 @@ def test_training_refuses_the_caption_file_of_another_benchmark(twins):
     CIRDataModule("synthcir", a, a / "captions.json").setup("validate")
     with pytest.raises(DataError, match=r"--data.captions .* describes other images than these"):
         CIRDataModule("synthcir", a, b / "captions.json").setup("validate")
+
+
+def test_outputs_of_an_older_csmcir_are_recognised_and_made_again(tmp_path):
+    """Written before the provenance records: replaced by the command that made them, so a
+    rerun of the quickstart in an old run folder is not refused."""
+    from PIL import Image
+
+    from csmcir import outputs
+
+    plot = tmp_path / "embeddings.png"
+    Image.new("RGB", (4, 4)).save(plot)
+    plot.with_suffix(".json").write_text('{"png": "x", "models": [], "method": "pca"}')
+    results = tmp_path / "results.json"
+    results.write_text('{"benchmark": "synthcir", "model": {}, "metrics": {}}')
+    captions = tmp_path / "captions.json"
+    entry = {"Final_Caption": "a red circle", "prompt_version": "v", "model": "oracle"}
+    captions.write_text(json.dumps({"a": entry}))
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "meta.json").write_text('{"model_fingerprint": "abc"}')
+    for path, kind in (
+        (plot, outputs.EMBEDDING_PLOT),
+        (plot.with_suffix(".json"), outputs.EMBEDDING_PLOT),
+        (results, outputs.EVAL_RESULTS),
+        (captions, outputs.CAPTION_FILE),
+        (index, outputs.GALLERY_INDEX),
+    ):
+        assert outputs.claim(path, kind, flag="--out", identity={"x": 1})["kind"] == kind
+    with pytest.raises(ConfigError, match="not a search grid csmcir wrote"):
+        outputs.claim(plot, outputs.SEARCH_GRID, flag="--grid")
