@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -90,3 +91,20 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise DataError(
             f"malformed {what} {path}: {e.msg} at line {e.lineno}, column {e.colno} (char {e.pos})"
         ) from None
+
+
+def torch_load_failure(error: BaseException) -> tuple[str, bool]:
+    """Why ``torch.load(weights_only=True)`` did not load a file, in a sentence of our own, and
+    whether it refused a pickled Python object (not cut short or corrupt: made elsewhere).
+
+    torch's message is a paragraph whose first line, depending on the version, stops mid-sentence
+    ("...you have two options") or advises ``weights_only=False``, which lets the file run code;
+    neither belongs in a csmcir message. The specific reason comes after it.
+    """
+    text = str(error).strip()
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"it holds a pickled Python object of type {found[1]} beside its tensors", True
+    if "weights only load failed" in text.lower():
+        return "its pickle stream is not one torch.save writes", False
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] if text else type(error).__name__
+    return first.rstrip("."), False

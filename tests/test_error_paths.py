@@ -136,3 +136,55 @@ def test_an_interrupted_caption_run_says_the_command_that_goes_on(tiny_synth, tm
     (line,) = error_lines(capsys.readouterr().err)
     assert "the captions it wrote are kept. To go on, run the same command again: " in line
     assert line.endswith(shlex.join(["csmcir", *argv]))
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused_in_whole_sentences(tmp_path):
+    import torch
+
+    from csmcir.errors import DataError
+    from csmcir.train.export import NamedCheckpointIO, read_checkpoint
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": RunsCode(marker)}, evil)
+    for read in (read_checkpoint, NamedCheckpointIO().load_checkpoint):
+        with pytest.raises(DataError) as refused:
+            read(evil)
+        said = str(refused.value)
+        assert said.startswith(f"checkpoint {evil} is refused: it holds a pickled Python object")
+        assert said.endswith("(last.ckpt, best.ckpt)")
+        assert "weights_only=False" not in said and "cut short" not in said
+    assert not marker.exists()
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(DataError, match=r"is unreadable \(its pickle stream is not one torch"):
+        read_checkpoint(noise)
+
+
+def test_torch_load_reasons_never_stop_mid_sentence_nor_advise_unsafe_loading():
+    import pickle
+
+    from csmcir.io import torch_load_failure
+
+    older = (  # torch 2.4's wording: its first line stops mid-sentence
+        "Weights only load failed. This file can still be loaded, to do so you have two options "
+        "\n\t(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed, "
+        "but it can result in arbitrary code execution.\n\t(2) ...\n\tWeightsUnpickler error: "
+        "Unsupported global: GLOBAL builtins.eval was not an allowed global by default."
+    )
+    assert torch_load_failure(pickle.UnpicklingError(older)) == (
+        "it holds a pickled Python object of type builtins.eval beside its tensors",
+        True,
+    )
+    first = "PytorchStreamReader failed reading zip archive: no end"
+    assert torch_load_failure(RuntimeError(f"{first}. If you see ...")) == (first, False)

@@ -21,7 +21,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from csmcir.errors import DataError
-from csmcir.io import atomic_write_json
+from csmcir.io import atomic_write_json, torch_load_failure
 from csmcir.model.run_folder import BEST_MODEL, FINAL_MODEL
 
 CHECKPOINT_KEY = "csmcir"
@@ -56,8 +56,15 @@ def model_from_entry(entry: dict[str, Any]):
 
 
 def unreadable_checkpoint(path: str | Path, error: BaseException) -> DataError:
-    """The one message for a checkpoint torch cannot read: the file, torch's reason, the way out."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """The one message for a checkpoint torch cannot read: the file, the reason, the way out."""
+    reason, pickled = torch_load_failure(error)
+    if pickled:
+        return DataError(
+            f"checkpoint {path} is refused: {reason}. Checkpoints are read with "
+            "torch.load(weights_only=True), which loads tensors and plain values only, so that "
+            "a file cannot run code; csmcir fit writes nothing else, so this file was made by "
+            "other code. Resume from a checkpoint csmcir fit wrote (last.ckpt, best.ckpt)"
+        )
     return DataError(
         f"checkpoint {path} is unreadable ({reason}): it is cut short or corrupt (a full disk, an "
         "interrupted copy). Resume from another checkpoint of the run (last.ckpt, best.ckpt), or "
