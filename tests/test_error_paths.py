@@ -188,3 +188,41 @@ def test_torch_load_reasons_never_stop_mid_sentence_nor_advise_unsafe_loading():
     )
     first = "PytorchStreamReader failed reading zip archive: no end"
     assert torch_load_failure(RuntimeError(f"{first}. If you see ...")) == (first, False)
+
+
+@pytest.fixture
+def empty_val(tiny_synth, tmp_path) -> Path:
+    """The small benchmark with ``[]`` as its val annotations."""
+    root = tmp_path / "synthcir"
+    shutil.copytree(tiny_synth, root)
+    (root / "captions" / "cap.rc2.val.json").write_text("[]")
+    return root
+
+
+def test_an_empty_split_is_one_error_in_check_fit_and_eval(empty_val, tmp_path, capsys):
+    said = f"synthcir/val: the annotation files under {empty_val} hold no queries (an empty list)"
+    assert csmcir_main(["data", "check", "synthcir", "--root", str(empty_val)]) == 2
+    out, err = capsys.readouterr()
+    assert "all 3 splits complete" not in out and said in err
+    argv = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(empty_val)]
+    argv += ["--empty-captions", "--no-cache", "--out", str(tmp_path / "e.json")]
+    assert csmcir_main([*argv, "--device", "cpu"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert said in line and "--submission" not in line
+    argv = ["fit", "--config", "synthcir", "--data.root", str(empty_val), "--trainer.max_steps"]
+    argv += ["1", "--trainer.default_root_dir", str(tmp_path / "run"), "--data.captions"]
+    assert csmcir_main([*argv, str(tmp_path / "none.json")]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert said in line and "csmcir data synth --out" in line
+
+
+def test_eval_advice_for_a_split_without_answers_is_true_for_its_benchmark():
+    from csmcir.evaluation.submission import how_to_score
+
+    assert how_to_score("cirr", "test1") == (
+        "pass --submission DIR to write the files its test server scores"
+    )
+    synth = how_to_score("synthcir", "test")
+    assert "--submission" not in synth and "synthcir has no test server" in synth
+    assert synth.startswith("evaluate a split with answers (train, val)")
+    assert "--submission" not in how_to_score("cirr", "train")

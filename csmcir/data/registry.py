@@ -14,7 +14,7 @@ from pathlib import Path
 from csmcir.data import circo, cirr, fashion200k, fashioniq, shoes
 from csmcir.data.layout import apply_missing_policy
 from csmcir.data.records import CIRSplit
-from csmcir.errors import ConfigError
+from csmcir.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,17 @@ def read_split(benchmark: str, root: str | Path, split: str, **options) -> CIRSp
             f"{benchmark}: unknown option(s) {', '.join(unknown)}; "
             f"accepted: {', '.join(s.options) or 'none'}"
         )
-    return s.read(root, s.split_name(split), **options)
+    data = s.read(root, s.split_name(split), **options)
+    if not data.queries:  # else "ok" in data check, a shape error in fit, wrong advice in eval
+        regenerate = ""
+        if benchmark == "synthcir":
+            regenerate = f"; csmcir data synth --out {root} --overwrite regenerates it"
+        raise DataError(
+            f"{data.benchmark}/{data.split}: the annotation files under {root} hold no queries (an "
+            "empty list), so there is nothing to train on or evaluate. Restore them "
+            f"(datasets/README.md gives each file's layout{regenerate})"
+        )
+    return data
 
 
 def load_split(

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     for s in splits:
         if not args.submission and not s.has_targets:
             raise ConfigError(
-                f"{s.benchmark} {s.split} has no public answers: pass --submission DIR to write "
-                "the test-server files, or evaluate a split with answers"
+                f"{s.benchmark} {s.split} has no public answers: "
+                + submission.how_to_score(args.benchmark, split_name)
             )
     gallery = {g: s.image_path(g) for s in splits for g in s.gallery}
     captions = (

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from csmcir.data.records import CIRQuery, CIRSplit
+from csmcir.data.registry import spec
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_text, read_json
 
@@ -34,6 +35,17 @@ SERVER_SPLITS = {"cirr": "test1", "circo": "test"}
 def query_key(query: CIRQuery) -> str:
     """The id a server keys a query by: CIRR's pairid, CIRCO's query id."""
     return str(query.extra.get("pairid", query.query_id))
+
+
+def how_to_score(benchmark: str, split: str) -> str:
+    """Advice for a split without answers that is true for ``benchmark``: its test server where
+    it has one that scores this split, else the splits to evaluate instead."""
+    if SERVER_SPLITS.get(benchmark) == split:
+        return "pass --submission DIR to write the files its test server scores"
+    others = [s for s in spec(benchmark).splits if s != split and s != SERVER_SPLITS.get(benchmark)]
+    return f"evaluate a split with answers ({', '.join(others)})" + (
+        "" if benchmark in SERVER_SPLITS else f"; {benchmark} has no test server"
+    )
 
 
 def check_submission_split(benchmark: str, split: str) -> None:
