@@ -4,10 +4,14 @@ interrupted runs, empty splits."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -226,3 +230,74 @@ def test_eval_advice_for_a_split_without_answers_is_true_for_its_benchmark():
     assert "--submission" not in synth and "synthcir has no test server" in synth
     assert synth.startswith("evaluate a split with answers (train, val)")
     assert "--submission" not in how_to_score("cirr", "train")
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, seconds: float) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a bound, not a timing test)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def killed_parent_leaves_no_workers(argv: list[str]) -> None:
+    """Start ``argv``, wait until it runs a pool of workers, SIGKILL it, and check that its
+    workers end within seconds rather than rendering on as orphans."""
+    proc = subprocess.Popen(argv)
+    workers: list[int] = []
+    try:
+        assert wait_for(lambda: len(children(proc.pid)) >= 2, 120), "no pool started"
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert wait_for(lambda: not any(alive(w) for w in workers), 10), "orphaned workers"
+    finally:
+        proc.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@LINUX_PROC
+def test_a_killed_synth_render_leaves_no_pool_workers(tmp_path):
+    out = str(tmp_path / "synth")  # the default size: rendering takes long enough to kill it
+    killed_parent_leaves_no_workers([sys.executable, "-m", "csmcir", "data", "synth", "--out", out])
+
+
+@LINUX_PROC
+def test_the_portable_watchdog_ends_workers_of_a_killed_parent():
+    """The path for systems without PR_SET_PDEATHSIG, tried here on Linux."""
+    script = (
+        "import time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from csmcir.workers import end_with_parent\n"
+        "with ProcessPoolExecutor(2, initializer=end_with_parent, initargs=(False,)) as pool:\n"
+        "    list(pool.map(time.sleep, [600, 600]))\n"
+    )
+    killed_parent_leaves_no_workers([sys.executable, "-c", script])

@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from csmcir.data.synth_scenes import ATTRIBUTES, GRID, Scene
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, atomic_write_text, read_json
 from csmcir.outputs import SYNTH_BENCHMARK, claim
+from csmcir.workers import process_pool
 
 SCENES_VERSION = 1
 CONFIG_FILE = "synth_config.json"
@@ -130,7 +130,7 @@ def write_images(out: Path, splits: dict[str, SplitData], image_size: int) -> No
             for chunk in chunks:
                 bar.update(render_chunk(chunk, image_size))
             return
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:  # its workers end if this process is killed
             for done in pool.map(render_chunk, chunks, itertools.repeat(image_size)):
                 bar.update(done)
 
