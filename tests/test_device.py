@@ -12,8 +12,6 @@ from csmcir.cli import main as csmcir_main
 from csmcir.device import check_accelerator, resolve_device
 from csmcir.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def no_gpu(monkeypatch):
@@ -72,7 +70,7 @@ def test_every_device_command_refuses_a_missing_gpu_before_any_work(
 
 
 def test_fit_refuses_a_gpu_accelerator_before_building_anything(no_gpu, tmp_path, capsys):
-    argv = ["fit", "--config", str(REPO / "configs" / "synthcir.yaml")]
+    argv = ["fit", "--config", "synthcir"]
     argv += ["--trainer.accelerator", "gpu", "--trainer.default_root_dir", str(tmp_path / "run")]
     assert csmcir_main([*argv, "--data.root", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
