@@ -301,3 +301,14 @@ def test_the_portable_watchdog_ends_workers_of_a_killed_parent():
         "    list(pool.map(time.sleep, [600, 600]))\n"
     )
     killed_parent_leaves_no_workers([sys.executable, "-c", script])
+
+
+def test_dropping_every_query_is_refused_not_an_empty_split(tiny_synth, tmp_path):
+    from csmcir.data.registry import load_split
+    from csmcir.errors import DataError
+
+    root = tmp_path / "synthcir"
+    shutil.copytree(tiny_synth, root)
+    shutil.rmtree(root / "test")  # every test image
+    with pytest.raises(DataError, match="every one of its 4 queries uses one: dropping them"):
+        load_split("synthcir", root, "test", drop_missing=True)

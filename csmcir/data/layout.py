@@ -149,6 +149,12 @@ def apply_missing_policy(
         )
     paths = {i: split.image_paths.get(i) for i in missing}
     new, dropped_queries = drop_images(split, missing)
+    if not new.queries:  # an empty split is an error, as read_split says for empty annotations
+        raise DataError(
+            describe_missing(split, missing)
+            + f", and every one of its {len(split.queries)} queries uses one: dropping them "
+            "would leave nothing to train on or evaluate. Restore the images"
+        )
     warn(
         f"{split.benchmark}/{split.split}: drop_missing dropped {len(dropped_queries)} of "
         f"{len(split.queries)} queries, which use {len(missing)} missing images; queries: "
