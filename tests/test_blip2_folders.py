@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from blip2_folder import CORPUS, MEAN, STD, image_processor, make_blip2_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -37,7 +38,16 @@ def hub(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return make_blip2_folder(tmp_path_factory.mktemp("hub") / "blip2-itm")
 
 
-def test_hub_folder_loads_exactly_with_its_processor_and_tokenizer(hub, caplog) -> None:
+@pytest.fixture
+def transformers_logs(caplog):
+    """Let caplog see transformers' records: its logger propagates only when CI is set."""
+    transformers.logging.enable_propagation()
+    yield caplog
+    transformers.logging.disable_propagation()
+
+
+def test_hub_folder_loads_exactly_with_its_processor_and_tokenizer(hub, transformers_logs) -> None:
+    caplog = transformers_logs
     folder, blip = hub
     model = CSMCIR.from_pretrained(folder).eval()
     assert SPURIOUS not in caplog.text
@@ -121,7 +131,10 @@ def test_missing_weights_are_an_error_naming_them(hub, tmp_path) -> None:
     assert sum(name in str(err.value) for name in gone) == 5
 
 
-def test_a_missing_itm_head_is_fine_and_real_warnings_still_show(hub, tmp_path, caplog) -> None:
+def test_a_missing_itm_head_is_fine_and_real_warnings_still_show(
+    hub, tmp_path, transformers_logs
+) -> None:
+    caplog = transformers_logs
     folder, blip = hub
     state = load_file(str(folder / "model.safetensors"))
     no_itm = tmp_path / "no-itm"
@@ -174,7 +187,8 @@ def test_a_checkpoint_file_where_a_folder_belongs_names_the_converter(tmp_path) 
         assert f"csmcir convert lavis {pth}" in str(err.value)
 
 
-def test_exported_folders_load_without_the_spurious_warning(tmp_path, caplog) -> None:
+def test_exported_folders_load_without_the_spurious_warning(tmp_path, transformers_logs) -> None:
+    caplog = transformers_logs
     model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
     folder = model.save_pretrained(tmp_path / "tiny")
     caplog.clear()
