@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
 def check_port(host: str, port: int) -> None:
     """Refuse a ``--port`` the page could not serve on, before the model loads: in use, or
     not ours to bind. Without it Gradio fails after loading, telling the user to set
-    ``GRADIO_SERVER_PORT``, which this command does not read."""
+    ``GRADIO_SERVER_PORT``, which a given ``--port`` overrides."""
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be within 1..65535, got {port}")
     try:
