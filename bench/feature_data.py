@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from csmcir.data.batches import collate
+from csmcir.data.prefetch import PrefetchLoader, loader_options
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.io import atomic_write_json
 from csmcir.model.features import (
@@ -92,20 +93,29 @@ class OldTriplets(torch.utils.data.Dataset):
 
 
 def loader(
-    data: TrainTriplets, path: str, batch_size: int, workers: int, pin: bool, seed: int = 0
+    data: TrainTriplets,
+    path: str,
+    batch_size: int,
+    workers: int,
+    pin: bool,
+    seed: int = 0,
+    thread: bool = True,
 ) -> DataLoader:
     """The training DataLoader of ``path``: ``new`` as ``CIRDataModule`` builds it (batch
-    collate, pinned on a GPU); ``old`` as it was (per-sample reads, never pinned)."""
-    options = {
-        "batch_size": batch_size,
-        "sampler": EpochShuffleSampler(data, seed=seed),
-        "drop_last": True,
-        "num_workers": workers,
-        "persistent_workers": workers > 0,
-    }
+    collate, pinned on a GPU), by ``workers`` processes or, with none, as ``fit`` reads a
+    feature cache (:func:`~csmcir.data.prefetch.loader_options`: a prefetch thread; without
+    ``thread``, in the reader's own thread); ``old`` as it was (per-sample reads, never
+    pinned)."""
+    options = {"batch_size": batch_size, "sampler": EpochShuffleSampler(data, seed=seed)}
+    options |= {"drop_last": True, "persistent_workers": workers > 0}
     if path == "old":
-        return DataLoader(OldTriplets(data), collate_fn=collate, **options)
-    return DataLoader(data, collate_fn=data.collate, pin_memory=pin, **options)
+        return DataLoader(OldTriplets(data), collate_fn=collate, num_workers=workers, **options)
+    if workers == 0:
+        options |= loader_options(features=True, num_workers=0, on_cuda=pin)
+        options["prefetch"] = options["prefetch"] if thread else 0
+    else:
+        options |= {"num_workers": workers, "pin_memory": pin}
+    return PrefetchLoader(data, collate_fn=data.collate, **options)
 
 
 def endless(loader: DataLoader):

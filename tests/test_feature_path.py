@@ -12,8 +12,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from csmcir.data.batches import BatchBuffers
+from csmcir.data.prefetch import Ahead
 from csmcir.errors import ConfigError
 from csmcir.evaluation.runner import score_split
 from csmcir.model import CSMCIR
@@ -91,25 +93,29 @@ def test_batch_buffers_are_reused_only_when_nothing_holds_them() -> None:
 def test_batches_are_float16_rows_equal_to_the_old_paths(synthcir, captions, frozen) -> None:
     folder, cache_dir = frozen
     model = CSMCIR.from_pretrained(folder)
-    loaders = {}
-    for workers in (0, 1):
-        data = CIRDataModule(
-            "synthcir", synthcir, captions, batch_size=8, features=cache_dir, num_workers=workers
-        )
-        data.setup("fit")
-        data.attach(model)
-        loaders[workers] = data.train_dataloader()
-    dataset = loaders[0].dataset
+    data = CIRDataModule(
+        "synthcir", synthcir, captions, batch_size=8, features=cache_dir, num_workers=4
+    )
+    data.setup("fit")
+    data.attach(model)
+    loader = data.train_dataloader()
+    # a feature cache is read in the training process, a thread ahead, whatever num_workers says
+    assert loader.num_workers == 0 and isinstance(iter(loader), Ahead)
+    dataset = loader.dataset
+    worker = DataLoader(
+        dataset, batch_size=8, sampler=loader.sampler, drop_last=True,
+        collate_fn=dataset.collate, num_workers=1,
+    )  # fmt: skip
     ids = {key: image_id for image_id, key in dataset.image_keys.items()}
-    batches = list(loaders[0])
+    batches = list(loader)
     assert len(batches) == 8
-    for batch, from_worker in zip(batches, loaders[1], strict=True):
+    for batch, from_worker in zip(batches, worker, strict=True):
         for field, keys in (("reference_image", "reference_key"), ("target_image", "target_key")):
             features = batch[field]
             assert features.dtype == torch.float16 and features.shape == (8, 65, 64)
             old = old_rows(cache_dir, [ids[k] for k in batch[keys].tolist()])
             assert torch.equal(features.float(), old)
-            # a worker's batch (made in shared memory) is the same batch
+            # a worker's batch (made in shared memory: evaluation's workers) is the same batch
             assert from_worker[field].is_shared() and torch.equal(from_worker[field], features)
         assert from_worker["text"] == batch["text"]
     cache = FeatureCache.open(cache_dir, model)

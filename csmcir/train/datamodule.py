@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from csmcir.data.batches import BatchSource, ImageSource, InMemoryImages
 from csmcir.data.captions import load_captions
 from csmcir.data.layout import first_few
+from csmcir.data.prefetch import PrefetchLoader, loader_options
 from csmcir.data.records import CIRSplit
 from csmcir.errors import ConfigError, DataError
 from csmcir.model.features import CachedFeatures
@@ -96,7 +97,8 @@ class CIRDataModule(L.LightningDataModule):
             reads target captions.
         batch_size: training queries per step and rank (in-batch negatives = batch x ranks).
         val_batch_size: images per validation step.
-        num_workers: DataLoader worker processes (0 = load in the training process).
+        num_workers: DataLoader worker processes decoding images (0 = in the training
+            process); a feature cache is read by a thread of the training process instead.
         cache_images: decode every image once into memory (small benchmarks only).
         features: a frozen-ViT feature cache (``csmcir features extract``) to read instead of
             the images; the model must keep its ViT frozen.
@@ -341,14 +343,15 @@ class CIRDataModule(L.LightningDataModule):
             epoch, batches = self._resume
             sampler.resume(epoch, batches * self.batch_size)
             self._resume = None
-        return DataLoader(
+        options = self._loader_options()
+        return PrefetchLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
             collate_fn=dataset.collate,
-            persistent_workers=self.num_workers > 0,
-            **self._loader_options(),
+            persistent_workers=options["num_workers"] > 0,
+            **options,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -360,7 +363,7 @@ class CIRDataModule(L.LightningDataModule):
             # Lightning leaves alone): metrics need the full gallery, and it is small.
             sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
             loaders.append(
-                DataLoader(
+                PrefetchLoader(
                     dataset,
                     batch_size=self.val_batch_size,
                     sampler=sampler,
@@ -371,11 +374,12 @@ class CIRDataModule(L.LightningDataModule):
         return loaders
 
     def _loader_options(self) -> dict[str, Any]:
-        """Workers read and collate batches ahead of the step (``prefetch_factor`` each); on a
-        GPU the batches come pinned, so Lightning's non-blocking copy overlaps the step."""
+        """Workers, a prefetch thread and pinning as :func:`loader_options` decides."""
         trainer = self.trainer
         on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {"num_workers": self.num_workers, "pin_memory": on_cuda}
+        return loader_options(
+            features=self.features is not None, num_workers=self.num_workers, on_cuda=on_cuda
+        )
 
     def val_splits(self) -> list[tuple[str, CIRSplit]]:
         """(name, split) of each validation loader, in loader order."""
