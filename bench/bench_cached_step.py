@@ -8,22 +8,24 @@ step by step so the load of the shared machine falls on both alike:
 - ``old``: the path before issue 17: each sample reads its rows alone and widens them to float32
   on the host, torch stacks them into a batch, the copy to the device is from pageable memory,
   and AdamW runs its per-tensor loop (torch's default on a CPU);
-- ``new``: the batch's rows are copied from the shards into one float16 tensor (in a DataLoader
-  worker, off the step), pinned on a GPU, copied without blocking and widened on the device;
-  AdamW fused (``csmcir.train.module.adamw``).
+- ``new``: the batch's rows are copied from the shards into one float16 tensor (by the prefetch
+  thread that ``fit`` reads a feature cache with, off the step), pinned on a GPU, copied
+  without blocking and widened on the device; AdamW fused (``csmcir.train.module.adamw``).
 
 Phases are timed with synchronised timers (a GPU is synchronised between phases, which
 serialises what training overlaps): read, convert, collate, pin, copy to the device, forward
 (both encoder passes and InfoNCE), backward, optimizer step. ``critical`` is what a training
 step waits for: every phase of the old path (its worker hides the read only when there is one),
-and for the new path everything but the read and pin that its workers do. ``loop`` times whole
-steps through the real DataLoaders (``--workers``), synchronising once per ``--steps``.
+and for the new path everything but the read and pin that its prefetch thread does. ``loop``
+times whole steps through the real DataLoaders (the old path's ``--workers`` processes, the new
+path's prefetch thread), synchronising once per ``--steps``.
 
 The model FLOPs of a step are counted from the architecture (:func:`step_flops`), and give the
 achieved TFLOP/s and, on a GPU with a known peak, the model-FLOPs utilisation.
 
     python -m bench.bench_cached_step --threads 1                     # this CPU, batch 2
     python -m bench.bench_cached_step --device cuda --batch-sizes 32 128 --steps 20 --workers 4
+    python -m bench.bench_cached_step --size tiny --steps 1 --no-report    # a dry run
 """
 
 from __future__ import annotations
@@ -44,23 +46,18 @@ from tqdm import tqdm
 
 from bench.bench_memory_bank import build_model, corpus
 from bench.feature_data import PATHS, endless, loader, synthetic_cache, triplets
-from bench.report import device_label, section_name, update_section
+from bench.report import PEAK_SOURCE, device_label, mfu, section_name, update_section
 from csmcir.data.batches import collate
 from csmcir.model import CSMCIR
 from csmcir.model.config import CSMCIRConfig
+from csmcir.model.registry import load_preset
 from csmcir.train.datasets import TrainTriplets
 from csmcir.train.loss import info_nce
 from csmcir.train.module import adamw
 
 PHASES = ("read", "convert", "collate", "pin", "copy", "forward", "backward", "optimizer")
-WORKER_PHASES = {"new": ("read", "pin")}  # done by DataLoader workers / the pinning thread
-# Dense tensor-core peaks from NVIDIA's datasheets (TFLOP/s, SXM parts); fp32 without TF32,
-# which torch leaves off for matmuls by default.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp32": 19.5},
-}
+WORKER_PHASES = {"new": ("read", "pin")}  # done ahead of the step, by the prefetch thread
+MODELS = {"real": "qformer", "tiny": "tiny"}  # --size: bench_memory_bank's build_model names
 
 
 def step_flops(config: CSMCIRConfig, text_tokens: int, caption_tokens: int) -> float:
@@ -199,7 +196,7 @@ def measure(
 ) -> tuple[dict[str, Timings], float]:
     """Phases of ``--steps`` step pairs, then ``--rounds`` of DataLoader loops, per path."""
     device = torch.device(args.device)
-    model = build_model("qformer")
+    model = build_model(MODELS[args.size])
     model.config = model.config.replace(precision=precision)
     model = model.to(device).train()
     profiler = Profiler(model, data, device)
@@ -215,20 +212,16 @@ def measure(
         for path in PATHS:
             profiler.step(path, timings[path] if step >= args.warmup else Timings(), keys)
     pin = device.type == "cuda"
-    streams = {p: endless(loader(data, p, batch, args.workers, pin)) for p in PATHS}
+    # old: its per-sample reads in --workers processes; new: as fit reads a feature cache
+    workers = {"old": args.workers, "new": 0}
+    streams = {p: endless(loader(data, p, batch, workers[p], pin)) for p in PATHS}
     for path in PATHS:
-        profiler.loop(path, streams[path], args.warmup)
+        if args.warmup:
+            profiler.loop(path, streams[path], args.warmup)
     for _ in tqdm(range(args.rounds), desc=f"batch {batch} {precision} loop", unit="round"):
         for path in PATHS:
             timings[path].loop.append(profiler.loop(path, streams[path], args.steps))
     return timings, flops
-
-
-def peak(device: torch.device, precision: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p[precision] for gpu, p in PEAK_TFLOPS.items() if gpu in name), None)
 
 
 def main() -> None:
@@ -241,10 +234,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the loop")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--size", choices=MODELS, default="real", help="tiny: the tiny preset (a dry run)"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    config = load_preset("blip2-vitg" if args.size == "real" else "tiny").config
+    shape = (
+        (config.image.size // config.vision["patch_size"]) ** 2 + 1,
+        config.vision["hidden_size"],
+    )
     load_before = os.getloadavg()[0]
 
     texts = corpus(64, 1)
@@ -253,23 +254,22 @@ def main() -> None:
     for batch in args.batch_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             # eight batches of distinct rows; the steps cycle through them
-            data = triplets(synthetic_cache(Path(tmp), 16 * batch), texts, captions)
+            data = triplets(synthetic_cache(Path(tmp), 16 * batch, shape), texts, captions)
             results = {p: measure(args, data, batch, p) for p in args.precisions}
         for precision, (timings, flops) in results.items():
             for path in PATHS:
                 t = timings[path]
                 critical, loop = t.critical(path), statistics.median(t.loop)
-                top = peak(device, precision)
-                mfu = f"{flops / loop / (top * 1e12) * 100:.1f}%" if top else "-"
                 hidden = WORKER_PHASES.get(path, ())
                 cells = [
                     f"({t.median(p) * 1e3:.1f})" if p in hidden else f"{t.median(p) * 1e3:.1f}"
                     for p in PHASES
                 ]
+                utilisation = mfu(flops / loop, device, precision)
                 rows.append(
                     f"| {batch} | {precision} | {path} | " + " | ".join(cells) + " | "
                     f"**{critical * 1e3:.0f}** | {t.data(path) / critical * 100:.1f}% | "
-                    f"{loop * 1e3:.0f} | {flops / loop / 1e12:.3f} | {mfu} |"
+                    f"{loop * 1e3:.0f} | {flops / loop / 1e12:.3f} | {utilisation} |"
                 )
                 print(rows[-1])
     load_after = os.getloadavg()[0]
@@ -285,14 +285,15 @@ def main() -> None:
             f"by step after {args.warmup} warm-up step(s). `old`: the data path before issue 17 "
             "(per-sample reads widened to fp32 on the host, stacked, copied from pageable "
             "memory; torch's default AdamW); `new`: fp16 rows copied straight into one batch "
-            "tensor by the DataLoader workers (pinned on a GPU), widened on the device, fused "
-            "AdamW. Figures in parentheses are done by workers, off the step. `critical`: the "
+            "tensor by `fit`'s prefetch thread (pinned on a GPU), widened on the device, fused "
+            "AdamW. Figures in parentheses are done by that thread, off the step. `critical`: the "
             "step's time without those; `data share`: read to copy as a share of `critical`. "
-            f"`loop`: a step through the real DataLoaders ({args.workers} worker(s)), median "
+            f"`loop`: a step through the real DataLoaders (old: {args.workers} worker(s), new: "
+            "the prefetch thread), median "
             f"of {args.rounds} round(s) of {args.steps} steps synchronised once. Model FLOPs "
             "from the architecture (`step_flops`: 2 per multiply-add, backward twice the "
             "forward except the ViT features' key/value projections), over `loop`; MFU "
-            "against the card's dense peak where known.",
+            f"against the card's dense peak where known ({PEAK_SOURCE}, `bench/report.py`).",
             "",
             "| batch | precision | path | "
             + " | ".join(PHASES)

@@ -7,6 +7,7 @@ it replaces only that section, so the file collects every benchmark's latest fig
 from __future__ import annotations
 
 import fcntl
+import os
 import platform
 import re
 import sys
@@ -17,7 +18,10 @@ import torch
 
 from csmcir.io import atomic_write_text
 
-BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+# $CSMCIR_BENCHMARKS redirects the figures to another file (the GPU suite's dry run)
+BENCHMARKS_MD = Path(
+    os.environ.get("CSMCIR_BENCHMARKS") or Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+)
 HEADER = (
     "# Benchmarks\n\n"
     "Figures written by the scripts in `bench/`; each section names the command that produced it.\n"
@@ -26,8 +30,6 @@ HEADER = (
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
@@ -36,6 +38,36 @@ def device_label(device: torch.device, threads: int | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "CPU" if threads is None else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by a part of the
+# name torch reports, most specific first; fp32 without TF32, which torch leaves off for matmuls
+# by default. A card not listed gets no MFU figure rather than a guessed one.
+PEAK_SOURCE = "NVIDIA datasheet, dense"
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM ("H100 80GB HBM3")
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The card's dense peak for ``precision`` (TFLOP/s), or None on a CPU or an unlisted card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[precision] for gpu, p in PEAK_TFLOPS.items() if gpu in name), None)
+
+
+def mfu(flops_per_s: float, device: torch.device, precision: str) -> str:
+    """Model-FLOPs utilisation against the card's peak, as a table cell ("-" without a peak)."""
+    top = peak_tflops(device, precision)
+    return f"{flops_per_s / (top * 1e12) * 100:.1f}%" if top else "-"
 
 
 def section_name(name: str, device: torch.device) -> str:

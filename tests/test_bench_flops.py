@@ -39,3 +39,14 @@ def test_step_flops_equal_torchs_count_of_a_training_step(frequency: int) -> Non
     lengths = [model.tokenize(x)["input_ids"].shape[1] for x in (TEXTS, CAPTIONS)]
     similarity = 3 * 2 * batch * batch * config.embed_dim  # the loss's product, left out
     assert counter.get_total_flops() == batch * step_flops(config, *lengths) + similarity
+
+
+def test_vit_flops_equal_torchs_count_of_the_vits_forward_pass() -> None:
+    from bench.bench_extraction import vit_flops
+
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=TEXTS, seed=0, freeze_vision=True).eval()
+    model.vision_model.config._attn_implementation = "eager"  # matmuls torch counts
+    size = model.config.image.size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.vision_features(torch.randn(3, 3, size, size))
+    assert counter.get_total_flops() == 3 * vit_flops(model.config.vision)
