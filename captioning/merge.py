@@ -1,11 +1,13 @@
 """Merging a caption store's shards into the one caption file training and evaluation read.
 
 The merged file maps image id -> ``{"levels", "Final_Caption", "prompt_version", "model",
-"image_sha256"}`` and holds captions only, under a provenance record (``"@csmcir"``: the
-benchmark, its root and split, the run): failures go to a sibling ``<name>.failures.json`` with
-their reasons, and images with no record at all are an error unless the caller accepts a
-partial file. Only the shards of the folder's own run are merged: a record of an image that
-``run.json`` does not list, or stamped by another run, is refused with its shard file named.
+"benchmark", "run", "image_sha256"}``: each caption names its benchmark, the run that made it
+(run.json's digest) and its image's fingerprint, which is the file's provenance record
+(csmcir.outputs) and what a reader checks it by. It holds captions only: failures go to a
+sibling ``<name>.failures.json`` with their reasons, and images with no record at all are an
+error unless the caller accepts a partial file. Only the shards of the folder's own run are
+merged: a record of an image that ``run.json`` does not list, or stamped by another run, is
+refused with its shard file named.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from captioning.prompts import FINAL_KEY
-from captioning.store import MANIFEST, RUN_KEY, describe_run, latest, read_shard, shard_files
-from csmcir.data.captions import IMAGE_KEY
+from captioning.store import MANIFEST, describe_run, latest, read_shard, shard_files
+from csmcir.data.captions import BENCHMARK_KEY, IMAGE_KEY, RUN_KEY
 from csmcir.data.layout import first_few
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, read_json
-from csmcir.outputs import CAPTION_FILE, RECORD_KEY, claim, record
+from csmcir.outputs import CAPTION_FILE, claim
 
 
 @dataclass
@@ -70,7 +72,8 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
         raise DataError(f"{folder} holds no caption shards (shard-*-of-*.jsonl)")
     manifest_path = folder / MANIFEST
     manifest = read_json(manifest_path, "caption run manifest") if manifest_path.exists() else {}
-    made = merged_identity(folder, manifest.get("identity"))
+    run = manifest.get("identity")
+    made = {RUN_KEY: run["images"]} if run else {}  # what read_record finds in the file
     claim(
         out,
         CAPTION_FILE,
@@ -109,6 +112,8 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
                 "prompt_version": rec["prompt_version"],
                 "model": rec["model"],
             }
+            if run:
+                captions[image_id] |= {BENCHMARK_KEY: run["benchmark"], RUN_KEY: run["images"]}
             if IMAGE_KEY in rec:
                 captions[image_id][IMAGE_KEY] = rec[IMAGE_KEY]
         else:
@@ -117,20 +122,10 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
                 for k in ("reason", "reasons", "attempts", "prompt_version", "model", "raw")
                 if k in rec
             }
-    atomic_write_json(
-        out, {RECORD_KEY: record(CAPTION_FILE, "csmcir caption merge", made)} | captions
-    )
+    atomic_write_json(out, captions)
     fail_path = failures_path_for(out)
     atomic_write_json(fail_path, failures)
     return MergeReport(out, fail_path, len(captions), failures, missing, torn, len(shards))
-
-
-def merged_identity(folder: Path, run: dict[str, Any] | None) -> dict[str, Any]:
-    """What a merged file records of its run: benchmark, root, split and the run's digest (a
-    run started by an older csmcir: its shard folder)."""
-    if run is None:
-        return {"shards": str(folder.resolve())}
-    return {k: v for k, v in run.items() if k != "images"} | {"run": run["images"]}
 
 
 def read_own_shards(

@@ -30,7 +30,7 @@ from typing import Any
 
 from captioning.parsing import Caption
 from captioning.prompts import FINAL_KEY
-from csmcir.data.captions import IMAGE_KEY
+from csmcir.data.captions import IMAGE_KEY, RUN_KEY
 from csmcir.errors import ConfigError, DataError
 from csmcir.io import atomic_write_json, read_json
 from csmcir.outputs import short_digest
@@ -38,7 +38,6 @@ from csmcir.outputs import short_digest
 SHARD_GLOB = "shard-*-of-*.jsonl"
 MANIFEST = "run.json"
 RAW_CHARS = 2000  # how much of a failed answer is kept for inspection
-RUN_KEY = "run"  # in a record: the digest of the run (run.json's identity) that wrote it
 
 
 @dataclass(frozen=True)

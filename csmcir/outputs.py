@@ -8,12 +8,12 @@ holds and the flag that goes on. A path that is one of the command's own inputs 
 
 Where the record lives depends on the output's format:
 
-- a JSON file (evaluation results, a merged caption file, an embedding plot's numbers): the
-  top-level key ``"@csmcir"``;
+- a JSON file (evaluation results, an embedding plot's numbers): the top-level key
+  ``"@csmcir"``; a merged caption file, keyed by image id only: the run every caption names;
 - a PNG (a search grid, an embedding plot): the text chunk ``"@csmcir"``;
 - a folder: the record file of its kind (a gallery index's ``meta.json``, a synthetic
   benchmark's ``synth_config.json``, a caption run's ``run.json``, a feature cache's
-  ``meta.json``).
+  ``meta.json``, a training run's ``model/``, checkpoints and logs).
 
 Outputs of an older csmcir, written before these records, are recognised by their layout.
 
@@ -43,9 +43,10 @@ EMBEDDING_PLOT = "embedding plot"
 SYNTH_BENCHMARK = "synthetic benchmark"
 CAPTION_SHARDS = "caption shard folder"
 FEATURE_CACHE = "feature cache"
-FOLDER_KINDS = (GALLERY_INDEX, SYNTH_BENCHMARK, CAPTION_SHARDS, FEATURE_CACHE)
+RUN_FOLDER = "training run folder"
+FOLDER_KINDS = (GALLERY_INDEX, SYNTH_BENCHMARK, CAPTION_SHARDS, FEATURE_CACHE, RUN_FOLDER)
 
-# Files that mark a folder as something csmcir must not write into (described by name).
+# What a training run folder holds (csmcir.model.run_folder, the quickstart's record).
 RUN_FOLDER_FILES = ("model", "best", "last.ckpt", "best.ckpt", "quickstart.json", "logs")
 INDEX_META, CAPTION_RUN = "meta.json", "run.json"
 SYNTH_CONFIG, SYNTH_SCENES = "synth_config.json", "scenes.json"
@@ -90,6 +91,9 @@ def read_record(path: Path) -> dict[str, Any] | None:
             return {"kind": GALLERY_INDEX, "identity": {}}
         if isinstance(meta, dict) and "feature_shape" in meta:  # its fingerprint is checked
             return {"kind": FEATURE_CACHE, "identity": {}}  # by csmcir features extract
+        run = [name for name in RUN_FOLDER_FILES if (path / name).exists()]
+        if run:
+            return {"kind": RUN_FOLDER, "identity": {"holding": ", ".join(run)}}
         return None
     if path.suffix.lower() == ".png":
         found = _png_record(path)
@@ -105,11 +109,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
             return found
         if {"benchmark", "model", "metrics"} <= set(data):  # results of an older csmcir eval
             return {"kind": EVAL_RESULTS, "identity": {}}
-        if data and all(  # merged by an older csmcir caption merge
+        if data and all(  # merged by csmcir caption merge: each caption names its run
             isinstance(v, dict) and {"Final_Caption", "prompt_version", "model"} <= set(v)
             for v in data.values()
         ):
-            return {"kind": CAPTION_FILE, "identity": {}}
+            runs = {v.get("run") for v in data.values()} - {None}
+            return {"kind": CAPTION_FILE, "identity": {"run": runs.pop()} if len(runs) == 1 else {}}
     return None
 
 
@@ -146,9 +151,6 @@ def describe(path: Path, found: dict[str, Any] | None) -> str:
         said = ", ".join(f"{k} {v}" for k, v in ident.items() if v is not None)
         return f"a {found['kind']}" + (f" ({said})" if said else "")
     if path.is_dir():
-        run = [n for n in RUN_FOLDER_FILES if (path / n).exists()]
-        if run:
-            return f"a training run folder ({', '.join(run)})"
         names = sorted(p.name for p in path.iterdir())
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return f"a folder of files csmcir did not write ({shown}), a dataset or someone's work"

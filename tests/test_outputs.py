@@ -124,14 +124,14 @@ def test_captions_of_other_pictures_with_the_same_ids_are_refused(twins):
     assert load_captions(a / "captions.json", images, benchmark="synthcir")
     with pytest.raises(DataError, match=r"describes other images than these: \d+ of the \d+"):
         load_captions(b / "captions.json", images, benchmark="synthcir")
-    with pytest.raises(DataError, match=r"holds captions of synthcir .* not of cirr"):
+    with pytest.raises(DataError, match=r"holds captions of synthcir, not of cirr"):
         load_captions(a / "captions.json", images, benchmark="cirr")
 
 
 def test_the_released_caption_form_is_read_saying_what_was_not_checked(twins, tmp_path, capsys):
     a, _ = twins
     merged = json.loads((a / "captions.json").read_text())
-    released = {k: {"Final_Caption": v["Final_Caption"]} for k, v in merged.items() if k[0] != "@"}
+    released = {k: {"Final_Caption": v["Final_Caption"]} for k, v in merged.items()}
     path = tmp_path / "released.json"
     path.write_text(json.dumps(released))
     gallery = load_split("synthcir", a, "val")
@@ -149,7 +149,8 @@ def test_eval_refuses_the_caption_file_of_another_benchmark(twins, tmp_path, cap
     assert csmcir_main(list(map(str, args))) == 2
     err = capsys.readouterr().err
     assert f"--captions {b / 'captions.json'} describes other images than these" in err
-    assert f"it was made for synthcir val at {b.resolve()}" in err
+    run_b = json.loads((b / "shards" / "run.json").read_text())["identity"]["images"]
+    assert f"caption run {run_b})" in err
 
 
 # -- eval: --out never over an input, a default name per caption file ----------------------
@@ -172,7 +173,7 @@ def test_eval_default_names_tell_caption_files_apart(twins, tmp_path, monkeypatc
     a, _ = twins
     other = tmp_path / "other.json"
     data = json.loads((a / "captions.json").read_text())
-    data = {k: v if k[0] == "@" else v | {"Final_Caption": "a scene"} for k, v in data.items()}
+    data = {k: v | {"Final_Caption": "a scene"} for k, v in data.items()}
     other.write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path)
     args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", str(a)]
@@ -298,7 +299,7 @@ def test_data_synth_refuses_a_training_run_folder_even_with_overwrite(tmp_path, 
     for extra in ([], ["--overwrite"]):
         assert csmcir_main([*synth, *extra]) == 2
         err = capsys.readouterr().err
-        assert f"--out {run} holds a training run folder (model, last.ckpt)" in err
+        assert f"--out {run} holds a training run folder (holding model, last.ckpt)" in err
         assert "Give --out a new folder" in err and "pass --overwrite" not in err
     assert sorted(p.name for p in run.iterdir()) == ["last.ckpt", "model"]
     # its own benchmark: --overwrite regenerates it, and says so when missing
@@ -381,3 +382,15 @@ def test_outputs_of_an_older_csmcir_are_recognised_and_made_again(tmp_path):
         assert outputs.claim(path, kind, flag="--out", identity={"x": 1})["kind"] == kind
     with pytest.raises(ConfigError, match="not a search grid csmcir wrote"):
         outputs.claim(plot, outputs.SEARCH_GRID, flag="--grid")
+
+
+def test_fit_refuses_to_write_its_run_into_a_dataset(twins, capsys):
+    from csmcir.packaged import config_file
+
+    a, _ = twins
+    fit = ["fit", "--config", str(config_file("synthcir")), "--data.root", str(a)]
+    fit += ["--data.captions", str(a / "captions.json"), "--trainer.default_root_dir", str(a)]
+    assert csmcir_main([*fit, "--trainer.max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--trainer.default_root_dir {a} holds a synthetic benchmark, not a training run" in err
+    assert not (a / "model").exists() and not (a / "logs").exists()

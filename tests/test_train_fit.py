@@ -199,7 +199,8 @@ def test_resume_continues_the_same_trajectory(
 def test_missing_captions_give_the_command_that_makes_them(
     synthcir: Path, captions: Path, tmp_path: Path, capsys
 ):
-    assert csmcir_cli.main(fit_args(synthcir, None, tmp_path)) == 2
+    run_dir = tmp_path / "run"  # partial.json goes beside it: fit writes only into a run folder
+    assert csmcir_cli.main(fit_args(synthcir, None, run_dir)) == 2
     err = capsys.readouterr().err
     assert "no caption file was given" in err
     assert caption_command("synthcir", synthcir, synthcir / "mcot_captions.json") in err
@@ -207,14 +208,14 @@ def test_missing_captions_give_the_command_that_makes_them(
     partial = tmp_path / "partial.json"
     kept = dict(list(json.loads(captions.read_text()).items())[:10])
     partial.write_text(json.dumps(kept))
-    assert csmcir_cli.main(fit_args(synthcir, partial, tmp_path)) == 2
+    assert csmcir_cli.main(fit_args(synthcir, partial, run_dir)) == 2
     err = capsys.readouterr().err
     assert "target images have no caption" in err and "csmcir caption run" in err
 
-    assert csmcir_cli.main(fit_args(synthcir, tmp_path / "nope.json", tmp_path)) == 2
+    assert csmcir_cli.main(fit_args(synthcir, tmp_path / "nope.json", run_dir)) == 2
     assert "caption file not found" in capsys.readouterr().err
     # failed runs leave no empty logs/version_N folders (nor logs/ itself)
-    assert not (tmp_path / "logs").exists()
+    assert not (run_dir / "logs").exists()
     assert csmcir_cli.main(fit_args(synthcir, None, tmp_path / "new")) == 2
     assert not (tmp_path / "new").exists()
 

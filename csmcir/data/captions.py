@@ -2,8 +2,8 @@
 
 Three forms are accepted, all a JSON object keyed by image id:
 - the merged file of ``csmcir caption merge``: ``{id: {"levels": {...}, "Final_Caption": ...,
-  "image_sha256": ...}}`` plus its provenance record under ``"@csmcir"`` (the benchmark, its
-  root and split, the caption run);
+  "prompt_version", "model", "benchmark", "run", "image_sha256"}}``: each caption names the
+  benchmark and the caption run it came from and the fingerprint of its image;
 - the released CSMCIR caption files: ``{id: {"Final_Caption": ...}}`` (other keys ignored);
 - plain strings: ``{id: "a caption"}``.
 
@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from csmcir.data.layout import first_few
 from csmcir.errors import DataError, warn
 from csmcir.io import read_json
-from csmcir.outputs import RECORD_KEY, file_digest
+from csmcir.outputs import file_digest
 
 FINAL_KEY = "Final_Caption"
 IMAGE_KEY = "image_sha256"  # the fingerprint of the image a caption describes
+BENCHMARK_KEY, RUN_KEY = "benchmark", "run"  # the benchmark and the caption run it came from
 
 
 def load_captions(
@@ -38,7 +40,8 @@ def load_captions(
     """Map image id -> final caption. Empty or non-text captions are an error, never kept.
 
     ``images`` (id -> file) and ``benchmark``: what the captions are about to be used for; the
-    file's recorded benchmark and image fingerprints must agree with them (:func:`check_identity`).
+    benchmark and image fingerprints the file records must agree with them
+    (:func:`check_identity`).
     """
     data = read_json(path, "caption file")
     if not isinstance(data, dict):
@@ -46,7 +49,6 @@ def load_captions(
             f"caption file {path}: expected a JSON object keyed by image id, "
             f"got {type(data).__name__}"
         )
-    provenance = data.pop(RECORD_KEY, None)
     captions: dict[str, str] = {}
     bad: list[str] = []
     for image_id, value in data.items():
@@ -61,58 +63,48 @@ def load_captions(
             f"(a string, or an object with a non-empty {FINAL_KEY!r}): {first_few(bad)}"
         )
     if images is not None:
-        fingerprints = {
-            str(i): v[IMAGE_KEY] for i, v in data.items() if isinstance(v, dict) and IMAGE_KEY in v
-        }
-        check_identity(Path(path), provenance, fingerprints, images, benchmark, flag)
+        entries = {str(i): v for i, v in data.items() if isinstance(v, dict)}
+        check_identity(Path(path), entries, images, benchmark, flag)
     return captions
 
 
 def check_identity(
     path: Path,
-    provenance: dict | None,
-    fingerprints: Mapping[str, str],
+    entries: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, str | Path],
     benchmark: str | None,
     flag: str,
 ) -> None:
-    """Refuse captions made for another benchmark or for other images than ``images``."""
-    ident = (provenance or {}).get("identity") or {}
-    made_for = (
-        f"{ident.get('benchmark')} {ident.get('split')} at {ident.get('root')}"
-        if ident
-        else "an unrecorded benchmark"
-    )
-    if benchmark and ident.get("benchmark") and ident["benchmark"] != benchmark:
-        raise DataError(
-            f"{flag} {path} holds captions of {made_for}, not of {benchmark}: give {flag} the "
-            f"caption file of this benchmark (csmcir caption run | merge)"
-        )
-    used = [i for i in images if i in fingerprints]
-    if not fingerprints:
+    """Refuse captions made for another benchmark or of other images than ``images``."""
+    used = [i for i in images if IMAGE_KEY in entries.get(i, {})]
+    if not any(IMAGE_KEY in e for e in entries.values()):
         warn(
             f"{flag} {path} records no image fingerprints (the released CSMCIR form, or a file "
             "of an older csmcir): whether its captions describe these images could not be "
             "checked"
         )
         return
-    wrong = [
-        i
-        for i in used
-        if image_digest(images[i], len(fingerprints[i])) not in (fingerprints[i], None)
-    ]
+    made_for = sorted({str(e.get(BENCHMARK_KEY)) for e in entries.values() if BENCHMARK_KEY in e})
+    if benchmark and made_for and made_for != [benchmark]:
+        raise DataError(
+            f"{flag} {path} holds captions of {', '.join(made_for)}, not of {benchmark}: give "
+            f"{flag} the caption file of this benchmark (csmcir caption run | merge)"
+        )
+    wrong = [i for i in used if not _same_image(images[i], entries[i][IMAGE_KEY])]
     if wrong:
+        runs = sorted({str(entries[i].get(RUN_KEY)) for i in wrong})
         raise DataError(
             f"{flag} {path} describes other images than these: {len(wrong)} of the {len(used)} "
-            f"captioned images differ from the ones it was made from ({first_few(wrong)}); it "
-            f"was made for {made_for}. Give {flag} the caption file of this benchmark folder, "
-            "or caption it (csmcir caption run | merge)"
+            f"captioned images differ from the pictures its captions were made of "
+            f"({first_few(wrong)}; caption run {', '.join(runs)}). Give {flag} the caption "
+            "file of this benchmark folder, or caption it (csmcir caption run | merge)"
         )
 
 
-def image_digest(path: str | Path, length: int) -> str | None:
-    """An image's fingerprint; None for a file that cannot be read (its loader names it)."""
+def _same_image(path: str | Path, fingerprint: str) -> bool:
+    """Whether the file is the image ``fingerprint`` was taken of (an unreadable file passes:
+    its loader names it)."""
     try:
-        return file_digest(path, length)
+        return file_digest(path, len(fingerprint)) == fingerprint
     except OSError:
-        return None
+        return True

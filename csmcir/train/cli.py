@@ -36,6 +36,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from csmcir.device import check_accelerator
 from csmcir.errors import ConfigError, warn
 from csmcir.model.run_folder import LAST_CKPT, LOGS, earlier_run, remove_outputs
+from csmcir.outputs import RUN_FOLDER, claim
 from csmcir.packaged import config_file
 from csmcir.threads import available_cores, describe_threads, lanes_from_env, torch_threads
 from csmcir.train.datamodule import CIRDataModule
@@ -104,6 +105,8 @@ class CSMCIRCLI(LightningCLI):
         last.ckpt and keep its best/ and best.ckpt, mixing two runs in one folder."""
         config = self.config_init[self.subcommand]
         root = self.run_dir()
+        # a new or empty folder, or a run folder: never a dataset or someone's folder
+        claim(root, RUN_FOLDER, flag="--trainer.default_root_dir")
         found = earlier_run(root)
         if not found or config.get("ckpt_path"):
             return
