@@ -54,7 +54,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", type=float, default=0.0, help="chance of misperceiving an attribute")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise and of hf sampling")
     g = p.add_argument_group("hf backend")
-    g.add_argument("--model-dir", type=Path, help="local AutoModelForImageTextToText folder")
+    g.add_argument(
+        "--model-dir",
+        help="AutoModelForImageTextToText: a local folder, or a hub name (Qwen/Qwen2-VL-2B-Instruct"
+        ", org/name@revision) fetched into the hub cache",
+    )
     g.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--batch-size", type=int, default=4, help="images per generate call")
@@ -72,15 +76,48 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json-mode", action="store_true", help="send response_format json_object")
 
 
+# The options each backend reads (--seed: the oracle's noise and hf's sampling).
+BACKEND_OPTIONS = {
+    "oracle": ("scenes", "noise", "seed"),
+    "hf": (
+        *("model_dir", "dtype", "device", "batch_size", "max_new_tokens", "retry_temperature"),
+        "seed",
+    ),
+    "openai": (
+        *("base_url", "model", "api_key_env", "concurrency", "timeout", "http_retries"),
+        *("max_tokens", "temperature", "json_mode"),
+    ),
+}
+
+
+def refuse_unread_options(args: argparse.Namespace) -> None:
+    """An option of another backend, set, would be dropped: say which backend reads it."""
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    read = BACKEND_OPTIONS[args.backend]
+    unread = [
+        f"--{dest.replace('_', '-')} (read by --backend {backend})"
+        for backend, dests in BACKEND_OPTIONS.items()
+        for dest in dests
+        if dest not in read and getattr(args, dest) != parser.get_default(dest)
+    ]
+    if unread:
+        raise ConfigError(
+            f"--backend {args.backend} does not read {', '.join(dict.fromkeys(unread))}: "
+            "leave them out, or pick that backend"
+        )
+
+
 def make_backend(args: argparse.Namespace):
     """The backend the flags ask for; imports only that backend's dependencies."""
+    refuse_unread_options(args)
     if args.backend == "oracle":
         from captioning.backends.oracle import OracleBackend
 
         return OracleBackend(args.scenes or args.root / "scenes.json", args.noise, args.seed)
     if args.backend == "hf":
         if args.model_dir is None:
-            raise ConfigError("--backend hf needs --model-dir (a local model folder)")
+            raise ConfigError("--backend hf needs --model-dir (a local model folder or a hub name)")
         from captioning.backends.hf import HFBackend
 
         return HFBackend(

@@ -162,7 +162,9 @@ def test_batched_generation_matches_one_image_at_a_time(tiny_mllm, tmp_path):
 
 
 def test_missing_or_template_less_model_folders_are_config_errors(tiny_mllm, tmp_path):
-    with pytest.raises(ConfigError, match="huggingface-cli download"):
+    with pytest.raises(
+        ConfigError, match=r'hf download Qwen/Qwen2-VL-2B-Instruct --include "\*\.json"'
+    ):
         HFBackend(tmp_path / "nowhere")
     bare = tmp_path / "bare"
     bare.mkdir()

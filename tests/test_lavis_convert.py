@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from blip2_folder import CORPUS, hub_tokenizer, random_blip2, save_hub_folder
+from blip2_folder import CORPUS, blip2_config, hub_tokenizer, random_blip2, save_hub_folder
+from hub_layouts import bert_base_uncased_files, bert_vocab, write
 from transformers import Blip2ForImageTextRetrieval
 
 from csmcir.cli import main as csmcir_main
@@ -126,11 +127,15 @@ def convert(checkpoint: Path, bert: Path, out: Path, *extra: str) -> int:
 
 
 def check_same_model(out: Path, blip: Blip2ForImageTextRetrieval) -> None:
-    """Bit-identical weights, and CSMCIR's embeddings are transformers' own pass on them."""
+    """Bit-identical weights, and CSMCIR's embeddings are transformers' own pass on them with
+    LAVIS's ln_vision eps (1e-5; transformers' BLIP-2 applies the ViT's 1e-6 there)."""
     again = Blip2ForImageTextRetrieval.from_pretrained(out)
     theirs = blip.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in again.state_dict().items())
     model = CSMCIR.from_preset("blip2-vitg", weights=out).eval()  # what --model.weights does
+    assert model.vision_model.post_layernorm.eps == 1e-5
+    blip = copy.deepcopy(blip)
+    blip.vision_model.post_layernorm.eps = 1e-5
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     tokens = model.tokenize(TEXTS)
     with torch.no_grad():
@@ -229,7 +234,7 @@ def test_what_is_not_lavis_blip2_is_refused_by_name(lavis, tmp_path, capsys) -> 
     build_wordpiece_tokenizer(["Other Words Entirely"], vocab_size=150).save_pretrained(str(other))
     torch.save({"model": sd}, tmp_path / "ok.pth")
     assert convert(tmp_path / "ok.pth", tmp_path / "nowhere", tmp_path / "out") == 2
-    assert "huggingface-cli download google-bert/bert-base-uncased" in capsys.readouterr().err
+    assert "hf download google-bert/bert-base-uncased --include" in capsys.readouterr().err
     assert convert(tmp_path / "ok.pth", other, tmp_path / "out") == 2
     assert "bert-base-uncased plus [DEC]" in capsys.readouterr().err
 
@@ -238,3 +243,91 @@ def test_the_docs_show_the_mapping_table() -> None:
     docs = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     for lavis_name, ours in RENAMES:
         assert f"| `{lavis_name}` | `{ours}` |" in docs, lavis_name
+
+
+def test_the_hub_bert_tokenizer_layout_converts(tmp_path, capsys) -> None:
+    """google-bert/bert-base-uncased as the hub holds it (no tokenizer_class): it was refused
+    with "lacks a [PAD] or [CLS] token"."""
+    bert = write(tmp_path / "bert-base-uncased", bert_base_uncased_files())
+    blip = random_blip2(len(bert_vocab()) + 1, seed=4)  # + LAVIS's [DEC]
+    torch.save({"model": to_lavis(blip)}, tmp_path / "stage1.pth")
+    assert convert(tmp_path / "stage1.pth", bert, tmp_path / "out") == 0
+    assert "added [DEC]" in capsys.readouterr().out
+    check_same_model(tmp_path / "out", blip)
+
+
+def test_what_the_shapes_cannot_tell_is_printed_and_recorded(tmp_path, capsys) -> None:
+    """Head counts and epsilons: in the summary and lavis_conversion.json; a head count that
+    divides the width but is not what LAVIS builds at that width is said to be a guess."""
+    bert = write(tmp_path / "bert", bert_base_uncased_files())
+    config = blip2_config(len(bert_vocab()) + 1)
+    config.qformer_config.hidden_size = 768  # BERT-base's width: LAVIS builds it with 12 heads
+    config.qformer_config.num_attention_heads = 8
+    config.qformer_config.intermediate_size = 32
+    config.qformer_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    blip = Blip2ForImageTextRetrieval(config).eval()
+    torch.save(to_lavis(blip), tmp_path / "wide.pth")
+    argv = ["convert", "lavis", str(tmp_path / "wide.pth"), "--tokenizer", str(bert)]
+    assert csmcir_main([*argv, "--out", str(tmp_path / "a"), "--vision-heads", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "qformer_heads = 12: BERT-base's, as LAVIS builds width 768" in printed
+    assert "vision_heads = 4: --vision-heads" in printed and "ln_vision_eps = 1e-05" in printed
+    more = ["--vision-heads", "4", "--qformer-heads", "8"]
+    assert csmcir_main([*argv, "--out", str(tmp_path / "b"), *more]) == 0
+    printed = capsys.readouterr().out
+    assert "qformer_heads = 8: --qformer-heads; LAVIS's BERT-base of width 768 has 12" in printed
+    record = json.loads((tmp_path / "b" / "lavis_conversion.json").read_text())
+    assert record["assumed"]["qformer_heads"]["value"] == 8
+    assert record["assumed"]["ln_vision_eps"]["value"] == 1e-5
+    assert record["assumed"]["vision_layer_norm_eps"]["value"] == 1e-6
+    vision = json.loads((tmp_path / "b" / "config.json").read_text())["vision_config"]
+    assert vision["post_layernorm_eps"] == 1e-5 and vision["layer_norm_eps"] == 1e-6
+    assert csmcir_main([*argv, "--out", str(tmp_path / "c"), *more[:2], "--qformer-heads", "7"])
+    assert "--qformer-heads 7: does not divide the qformer width 768" in capsys.readouterr().err
+
+
+def test_ln_vision_eps_changes_the_features_measurably(lavis, tmp_path) -> None:
+    """CSMCIR runs ln_vision with LAVIS's 1e-5; with transformers' 1e-6 the ViT output moves."""
+    bert, blip, sd = lavis
+    torch.save(sd, tmp_path / "a.pth")
+    assert convert(tmp_path / "a.pth", bert, tmp_path / "out") == 0
+    model = CSMCIR.from_preset("blip2-vitg", weights=tmp_path / "out").eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.vision_features(pixels)
+        lavis_eps = copy.deepcopy(blip.vision_model)
+        lavis_eps.post_layernorm.eps = 1e-5
+        assert (ours - lavis_eps(pixels).last_hidden_state).abs().max() <= 1e-6
+        assert not torch.allclose(ours, blip.vision_model(pixels).last_hidden_state, atol=1e-7)
+
+
+def test_broken_checkpoints_get_one_message_naming_the_file(lavis, tmp_path, capsys) -> None:
+    """Issue 23: a raw KeyError, a raw size mismatch and torch's weights_only=False advice."""
+    bert, _, sd = lavis
+    no_proj = {k: v for k, v in sd.items() if not k.startswith("text_proj.")}
+    wide = sd | {"query_tokens": torch.randn(1, 8, 32)}
+    clip_vit = {k: v for k, v in sd.items() if not k.startswith("visual_encoder.")}
+    clip_vit |= {
+        "visual_encoder.conv1.weight": torch.randn(64, 3, 8, 8),
+        "visual_encoder.class_embedding": torch.randn(64),
+        "visual_encoder.positional_embedding": torch.randn(65, 64),
+        "visual_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.randn(192, 64),
+        "visual_encoder.transformer.resblocks.0.ln_1.weight": torch.ones(64),
+    }
+    cases = {
+        "no_proj.pth": (no_proj, "has no text_proj.weight"),
+        "wide.pth": (wide, "query_tokens [1, 8, 32] where [1, 8, 64] fits"),
+        "vitl.pth": (clip_vit, "its visual_encoder is a CLIP ViT-L"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save({"model": state}, tmp_path / name)
+        assert convert(tmp_path / name, bert, tmp_path / f"out-{name}") == 2
+        err = capsys.readouterr().err
+        assert message in err and str(tmp_path / name) in err, err
+        assert "Traceback" not in err and not (tmp_path / f"out-{name}").exists()
+    (tmp_path / "random.pth").write_bytes(torch.randint(0, 256, (4096,)).byte().numpy().tobytes())
+    assert convert(tmp_path / "random.pth", bert, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'random.pth'} is not a PyTorch checkpoint" in err
+    assert "weights_only=False" not in err and "weights_only` set to `False`" not in err

@@ -293,8 +293,11 @@ def test_blip2_preset_loads_a_local_blip2_folder(tmp_path, pixels: torch.Tensor)
 def test_blip2_preset_missing_weights_gives_the_download_command(tmp_path) -> None:
     with pytest.raises(DataError) as err:
         CSMCIR.from_preset("blip2-vitg", weights=tmp_path / "blip2")
-    assert f"huggingface-cli download Salesforce/blip2-itm-vit-g --local-dir {tmp_path}" in str(
-        err.value
+    message = str(err.value)
+    assert "hf download Salesforce/blip2-itm-vit-g --include" in message
+    assert (
+        f'--include "*.safetensors" --include "*.safetensors.index.json" --local-dir {tmp_path}'
+        in message
     )
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "config.json").write_text("{}")

@@ -1,8 +1,9 @@
 """The ``hf`` backend: a local multimodal LLM through ``transformers``, batched.
 
 Any model folder that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load and whose
-processor has a chat template works (Qwen2-VL / Qwen2.5-VL, LLaVA, ...). Nothing is downloaded:
-the folder must already be on disk. The first attempt decodes greedily; a retry after an unusable
+processor has a chat template works (Qwen2-VL / Qwen2.5-VL, LLaVA, ...): a local folder, or a hub
+name fetched into the hub cache by :mod:`csmcir.hub` (configs, tokenizer, chat template and one
+weights format). The first attempt decodes greedily; a retry after an unusable
 answer samples (``retry_temperature``) so it does not repeat the same answer.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from captioning.backends.base import Answer, Backend, BackendFailure, Request
 from csmcir.data.images import load_image
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import MLLM, PREFIX, is_hub_name, local_copy_command, resolve
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -32,11 +34,13 @@ class HFBackend(Backend):
         retry_temperature: float = 0.7,
         seed: int = 0,
     ) -> None:
-        self.model_dir = Path(model_dir)
+        self.name = str(model_dir).removeprefix(PREFIX)
+        self.model_dir = resolve(model_dir, MLLM, "--model-dir")
         if not self.model_dir.is_dir():
             raise ConfigError(
-                f"MLLM folder not found: {self.model_dir}. Download a model first, e.g. "
-                f"'huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir {self.model_dir}'"
+                f"MLLM folder not found: {self.model_dir}. Give a hub name (e.g. "
+                f"Qwen/Qwen2-VL-2B-Instruct, fetched into the hub cache) or a local folder:\n  "
+                f"{local_copy_command('Qwen/Qwen2-VL-2B-Instruct', MLLM, self.model_dir)}"
             )
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
@@ -52,7 +56,8 @@ class HFBackend(Backend):
 
     @property
     def model(self) -> str:
-        return f"hf:{self.model_dir.name}"
+        """The hub name as given, or the local folder's name."""
+        return f"hf:{self.name if is_hub_name(self.name) else self.model_dir.name}"
 
     async def __aenter__(self) -> HFBackend:
         await asyncio.to_thread(self.load)

@@ -5,8 +5,8 @@ JSON files in ``csmcir/baselines/presets/`` and share one namespace with the CSM
 (``csmcir.model.load_preset`` finds them too). An exported folder is written by
 ``csmcir.model.folder.save_pretrained``: ``config.json`` (``{"model_type": "clip4cir",
 "format_version": 1, "config": {...}}``), ``model.safetensors`` and the tokenizer's file(s).
-Nothing downloads: an OpenCLIP checkpoint is read from a local path, and a missing one is an
-error that says what to download and where to put it.
+An OpenCLIP checkpoint is a local file or folder, or a hub name (``hf-hub:org/name``) fetched
+by :mod:`csmcir.hub`; a missing one is an error that says what to fetch and how.
 """
 
 from __future__ import annotations
@@ -23,21 +23,13 @@ from csmcir.baselines.clip4cir import CLIP4Cir, build_clip
 from csmcir.baselines.config import MODEL_TYPE, CLIP4CirConfig
 from csmcir.baselines.text import OpenCLIPTokenizer, WordPieceTokenizer, load_text_tokenizer
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import OPEN_CLIP, OPEN_CLIP_WEIGHTS, local_copy_command
 from csmcir.io import read_json
 from csmcir.model.folder import load_weights, read_model_config
 from csmcir.model.registry import ModelKind, Preset
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-# Weight files of an open_clip model folder, in the order open_clip itself prefers them.
-CHECKPOINT_NAMES = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "open_clip_pytorch_model.pth",
-    "model.safetensors",
-    "pytorch_model.bin",
-)
 # Options that change how a saved model runs or trains, not what its weights mean.
 RUNTIME_OPTIONS = ("precision", "train_image_encoder", "train_text_encoder", "dropout")
 
@@ -85,7 +77,7 @@ def from_preset(
     overrides: dict[str, Any],
 ) -> CLIP4Cir:
     if preset.weights is not None:
-        return _from_openclip_checkpoint(preset, preset.weights_dir(weights), overrides)
+        return _from_openclip_checkpoint(preset, preset.weights_dir(weights, OPEN_CLIP), overrides)
     text = _preset_tokenizer(preset, tokenizer_corpus, tokenizer, vocab_size)
     text_cfg = {"vocab_size": len(text), "eos_id": text.eos_id, "pad_id": text.pad_id}
     config = preset.config.replace(clip={"text_cfg": text_cfg}, **overrides)
@@ -112,12 +104,11 @@ def _preset_tokenizer(
 
 def _download_help(preset: Preset, path: Path) -> str:
     repo, folder = preset.weights["repo"], preset.weights["default_dir"]
-    files = " ".join(preset.weights["files"])
     return (
-        "Download an OpenCLIP checkpoint once (nothing downloads at run time), e.g.\n"
-        f"  hf download {repo} {files} --local-dir {folder}\n"
-        f"(older huggingface_hub: `huggingface-cli download {repo} {files} --local-dir "
-        f"{folder}`). Then pass that folder as weights=... / --model.weights, or set "
+        f"Pass a hub name (open_clip's hf-hub:{repo}, or {repo}): it is fetched into the hub "
+        "cache, only its open_clip_config.json and one weights file. Or fetch them into a "
+        f"folder once:\n  {local_copy_command(repo, OPEN_CLIP, folder)}\n"
+        f"and pass that folder as weights=... / --model.weights, or set "
         f"${preset.weights['env']}; a bare .safetensors/.bin/.pt file works too, with its "
         "architecture named by the clip_model option (default "
         f"{preset.config.clip_model}). Looked for: {path}"
@@ -132,10 +123,10 @@ def resolve_checkpoint(
         return path, builtin_clip_config(clip_model), {}
     if not path.is_dir():
         raise DataError(f"OpenCLIP checkpoint not found: {path}\n{_download_help(preset, path)}")
-    found = [path / name for name in CHECKPOINT_NAMES if (path / name).is_file()]
+    found = [path / name for name in OPEN_CLIP_WEIGHTS if (path / name).is_file()]
     if not found:
         raise DataError(
-            f"OpenCLIP folder {path} holds no weights (none of {', '.join(CHECKPOINT_NAMES)})\n"
+            f"OpenCLIP folder {path} holds no weights (none of {', '.join(OPEN_CLIP_WEIGHTS)})\n"
             f"{_download_help(preset, path)}"
         )
     if not (path / OPEN_CLIP_CONFIG).is_file():

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from csmcir.data.batches import BatchedImages, ImageSource
 from csmcir.errors import ConfigError, DataError, warn
+from csmcir.hub import MODEL, is_hub_name, resolve
 from csmcir.io import atomic_write_bytes
 from csmcir.model.features import CachedFeatures
 from csmcir.model.run_folder import model_folder
@@ -33,8 +34,8 @@ CACHE_VERSION = "2"  # 2: entries carry a checksum of their embeddings
 
 
 def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
-    """An exported model folder (or a training run folder: its ``model/``), or a preset name
-    (``tiny``: untrained, tokenizer from ``corpus``).
+    """An exported model folder (or a training run folder: its ``model/``), a preset name
+    (``tiny``: untrained, tokenizer from ``corpus``), or a hub name (``org/name``, fetched).
 
     Untrained presets are the zero-shot baseline: they show what training adds. ``corpus`` is
     called only when a tokenizer has to be built.
@@ -46,8 +47,11 @@ def load_model(spec: str, corpus: Callable[[], list[str]], seed: int = 0):
     from csmcir.model.registry import list_presets, load_preset
 
     if spec not in list_presets():
+        if is_hub_name(spec):
+            return CSMCIR.from_pretrained(resolve(spec, MODEL, "--model"))
         raise ConfigError(
-            f"--model {spec!r} is neither a model folder nor a preset ({', '.join(list_presets())})"
+            f"--model {spec!r} is neither a model folder, a preset ({', '.join(list_presets())}) "
+            "nor a hub name (org/name)"
         )
     preset = load_preset(spec)
     texts = corpus() if preset.tokenizer == "wordpiece" else None

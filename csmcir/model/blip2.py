@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import MODEL, local_copy_command
 from csmcir.io import read_json
 from csmcir.model.config import RESAMPLES, ImageConfig
 from csmcir.model.folder import WEIGHTS_FILE, swap_in
@@ -46,6 +47,9 @@ GENERATION_PREFIXES = ("language_model.", "language_projection.")
 # PIL's filter numbers, as image processors store ``resample``.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 ITM_HEAD = ("itm_head.weight", "itm_head.bias")
+# The eps of the ViT's last LayerNorm where it differs from the others' (LAVIS's ln_vision);
+# transformers' BLIP-2 has one eps for all, so only CSMCIR reads it (docs/model.md).
+POST_EPS = "post_layernorm_eps"
 
 # Architecture keys read back from a downloaded BLIP-2 config (the rest are transformers' own).
 VISION_KEYS = (
@@ -98,11 +102,10 @@ def download_help(preset: Preset, folder: Path) -> str:
     repo = preset.weights["repo"]
     variants = " or ".join(preset.weights["variants"])
     return (
-        f"Download them once (nothing downloads at run time):\n"
-        f"  huggingface-cli download {repo} --local-dir {folder}\n"
-        f"(newer huggingface_hub: `hf download {repo} --local-dir {folder}`; "
-        f"variants: {variants}). "
-        f"Then pass the folder as weights=... / --model, or set ${preset.weights['env']}. "
+        f"Pass its hub name instead ({variants}) as weights=... / --model.weights / --model: "
+        "it is fetched into the hub cache, only the files needed. Or fetch them into a "
+        f"folder once:\n  {local_copy_command(repo, MODEL, folder)}\n"
+        f"and pass the folder, or set ${preset.weights['env']}. "
         f"Files needed: {CONFIG_FILE}, {WEIGHTS_FILE}, tokenizer_config.json, "
         f"{' or '.join(VOCAB_FILES)}. A LAVIS or SPRC .pth converts into such a folder with "
         "`csmcir convert lavis` (docs/model.md)."
@@ -152,8 +155,7 @@ def refuse_generation_checkpoint(folder: Path, keys: list[str]) -> None:
     raise DataError(
         f"{folder} holds {kind}: a language model without the Q-Former's text embeddings and "
         "text projection, which CSMCIR's fused image+text pass runs. Use the stage-1 retrieval "
-        f"checkpoint instead: huggingface-cli download {RETRIEVAL_REPO} --local-dir DIR "
-        f"(or {RETRIEVAL_REPO}-coco)"
+        f"checkpoint instead: {RETRIEVAL_REPO} (or {RETRIEVAL_REPO}-coco)"
     )
 
 
@@ -246,7 +248,8 @@ def image_options(folder: Path, image_size: int) -> dict[str, Any] | None:
 def from_blip2_folder(
     cls: type[CSMCIR], preset: Preset, folder: Path, overrides: dict[str, Any]
 ) -> CSMCIR:
-    """Load BLIP-2 stage-1 weights (``Blip2ForImageTextRetrieval``) from a local folder, offline."""
+    """Load BLIP-2 stage-1 weights (``Blip2ForImageTextRetrieval``) from a local folder (a hub
+    name is fetched into one by the caller, :mod:`csmcir.hub`)."""
     refuse_checkpoint_file(folder)
     if not folder.is_dir():
         raise DataError(
@@ -260,6 +263,8 @@ def from_blip2_folder(
         )
     blip, has_itm_head = load_retrieval_model(folder)
     vision = {k: getattr(blip.config.vision_config, k) for k in VISION_KEYS}
+    if hasattr(blip.config.vision_config, POST_EPS):  # a converted LAVIS checkpoint's ln_vision
+        vision[POST_EPS] = getattr(blip.config.vision_config, POST_EPS)
     qformer = {k: getattr(blip.config.qformer_config, k) for k in QFORMER_KEYS}
     image = image_options(folder, vision["image_size"]) or {"size": vision["image_size"]}
     config = preset.config.replace(
@@ -291,24 +296,39 @@ def write_retrieval_folder(
     processor: BlipImageProcessor,
     folder: Path,
     source: str,
+    named: Callable[[str], str] = str,
 ) -> bool:
     """Write a new ``Blip2ForImageTextRetrieval`` folder laid out as the hub's; True when the
     ``itm_head`` came with ``state``, False when it had to be freshly initialised.
 
-    Every other weight of the architecture must be in ``state`` and nothing else may be:
-    transformers' ``save_pretrained`` writes what ``from_pretrained`` reads back.
+    Every other weight of the architecture must be in ``state``, in its shape, and nothing else
+    may be: transformers' ``save_pretrained`` writes what ``from_pretrained`` reads back.
+    ``named`` gives a key's name as the source spells it, for messages.
     """
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"{folder} exists and is not an empty folder: pick a new --out")
     with no_init_weights():
         blip = Blip2ForImageTextRetrieval(config)
     expected = set(blip.state_dict())
-    missing = sorted(expected - set(state) - set(ITM_HEAD))
+    missing = [named(k) for k in sorted(expected - set(state) - set(ITM_HEAD))]
     if missing:
         raise DataError(f"{source} lacks {len(missing)} weight(s) BLIP-2 needs: {a_few(missing)}")
-    unexpected = sorted(set(state) - expected)
+    unexpected = [named(k) for k in sorted(set(state) - expected)]
     if unexpected:
         raise DataError(f"{source}: no place in BLIP-2 for {a_few(unexpected)}")
+    shapes = {k: tuple(v.shape) for k, v in blip.state_dict().items()}
+    wrong = [
+        f"{named(k)} {list(v.shape)} where {list(shapes[k])} fits"
+        for k, v in sorted(state.items())
+        if tuple(v.shape) != shapes[k]
+    ]
+    if wrong:
+        raise DataError(
+            f"{source}: {len(wrong)} weight(s) do not fit the architecture the others give "
+            f"({config.qformer_config.hidden_size}-wide Q-Former, "
+            f"{config.vision_config.hidden_size}-wide ViT): {a_few(wrong, 3)}. The file mixes "
+            "weights of different models"
+        )
     kept = all(k in state for k in ITM_HEAD)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
     if not kept:

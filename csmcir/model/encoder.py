@@ -163,6 +163,8 @@ class CSMCIR(nn.Module):
             blip = Blip2ForImageTextRetrieval(blip2_config(config))
             init_random_weights(blip)  # scaled to the width: see csmcir/model/init.py
         self.vision_model = blip.vision_model
+        if "post_layernorm_eps" in config.vision:  # LAVIS's ln_vision: 1e-5, the ViT's 1e-6
+            self.vision_model.post_layernorm.eps = config.vision["post_layernorm_eps"]
         self.tower = QFormerTower(blip)
         self.target_tower = copy.deepcopy(self.tower) if config.tower == "separate" else None
         # Never read by CSMCIR; kept, frozen, for `csmcir export hf` (see config.itm_head).

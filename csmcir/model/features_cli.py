@@ -18,6 +18,7 @@ import yaml
 
 from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import MODEL, is_hub_name, resolve
 from csmcir.model.config import PRECISIONS
 from csmcir.model.run_folder import model_folder
 from csmcir.packaged import config_file
@@ -93,11 +94,17 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, weights: Path | None, options: dict[str, Any] | None = None):
-    """An exported/BLIP-2 folder, or a preset with weights; a random preset makes no cache."""
+    """An exported/BLIP-2 folder, a preset with weights or a hub name; a random preset makes no
+    cache."""
     from csmcir.model import CSMCIR
     from csmcir.model.registry import list_presets, load_preset
 
     options = options or {}
+    if weights is not None and name not in list_presets():
+        raise ConfigError(
+            f"--weights {weights} is read only with a preset (--model blip2-vitg); --model {name} "
+            "is a model of its own, so it would be ignored: leave out one of them"
+        )
     if Path(name).exists():  # a folder (or run folder), or a file from_pretrained explains
         return CSMCIR.from_pretrained(model_folder(name), **options)
     if name in list_presets():
@@ -107,8 +114,11 @@ def load_model(name: str, weights: Path | None, options: dict[str, Any] | None =
                 "belong to no trained model; pass an exported model folder instead"
             )
         return CSMCIR.from_preset(name, weights=weights, **options)
+    if is_hub_name(name):
+        return CSMCIR.from_pretrained(resolve(name, MODEL, "--model"), **options)
     raise ConfigError(
-        f"--model {name}: no such folder, and not a preset ({', '.join(list_presets())})"
+        f"--model {name}: no such folder, not a preset ({', '.join(list_presets())}) and not "
+        "a hub name (org/name)"
     )
 
 

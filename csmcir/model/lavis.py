@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from transformers import Blip2Config, PreTrainedTokenizerBase
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import TOKENIZER, VISION, local_copy_command, resolve
 from csmcir.io import atomic_write_json, read_json
 from csmcir.model.blip2 import a_few, image_processor, read_tensors, write_retrieval_folder
 from csmcir.model.config import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -78,10 +80,16 @@ DERIVED = re.compile(r"Qformer\.bert\.embeddings\.position_ids")
 NETWORK_PREFIXES = ("visual_encoder.blocks.", "Qformer.bert.")
 # Head counts of the architectures LAVIS builds (shapes do not tell them).
 KNOWN_HEADS = {"vision": {1408: 16}, "qformer": {768: 12}}
-# LAVIS's EVA ViT uses LayerNorm eps 1e-6; its Q-Former is bert-base-uncased (eps 1e-12,
-# dropout 0.1). ITM/ITC training and eval images: bicubic resize + CLIP normalisation.
-VISION_EPS, QFORMER_EPS, QFORMER_DROPOUT = 1e-6, 1e-12, 0.1
+# What LAVIS builds them as: ViT-g (width 1408), BERT-base (768).
+KNOWN_NAMES = {"vision": {1408: "EVA ViT-g"}, "qformer": {768: "BERT-base"}}
+# LAVIS's EVA ViT uses LayerNorm eps 1e-6 and its ln_vision a plain nn.LayerNorm (eps 1e-5);
+# its Q-Former is bert-base-uncased (eps 1e-12, dropout 0.1). ITM/ITC training and eval images:
+# bicubic resize + CLIP normalisation.
+VISION_EPS, LN_VISION_EPS, QFORMER_EPS, QFORMER_DROPOUT = 1e-6, 1e-5, 1e-12, 0.1
+# LAVIS's CLIP ViT-L (clip_vit.py, the pretrain_vitL variants): OpenAI CLIP's module names.
+CLIP_VIT_KEYS = ("conv1.weight", "transformer.resblocks.", "ln_pre.", "positional_embedding")
 DEC_TOKEN = "[DEC]"
+BERT_REPO = "google-bert/bert-base-uncased"  # the tokenizer LAVIS builds its Q-Former's from
 
 
 @dataclass
@@ -96,6 +104,8 @@ class Conversion:
     derived: list[str] = field(default_factory=list)
     itm_head: str = "kept"
     added_tokens: list[str] = field(default_factory=list)
+    # Not in the shapes: each value and where it came from.
+    assumed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self, folder: Path) -> str:
         lines = [
@@ -115,6 +125,8 @@ class Conversion:
             )
         if self.added_tokens:
             lines.append(f"tokenizer: added {', '.join(self.added_tokens)} as LAVIS does")
+        lines.append("assumed, since the shapes cannot tell (also in lavis_conversion.json):")
+        lines += [f"  {k} = {v['value']}: {v['from']}" for k, v in self.assumed.items()]
         return "\n".join(lines)
 
 
@@ -133,11 +145,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
             if "mmap" not in str(e):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise DataError(
-            f"{path} cannot be read as a PyTorch checkpoint with torch.load(weights_only=True): "
-            f"{str(e).splitlines()[0]}"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise DataError(unreadable(path, e)) from None
 
     def is_state(obj: Any) -> bool:
         return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
@@ -160,6 +169,58 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     return dict(state), wrapper
 
 
+def unreadable(path: Path, error: Exception) -> str:
+    """Why ``path`` is not a checkpoint csmcir reads, in our words: torch's own message advises
+    ``weights_only=False``, which would let the file run code, and no csmcir flag does that."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    if found:
+        return (
+            f"{path} holds a Python object of type {found[1]} beside its tensors. csmcir reads "
+            "checkpoints with torch.load(weights_only=True), which unpickles only tensors and "
+            "plain containers, so that a file cannot run code. If you trust its source, re-save "
+            "its state dict alone (a dict of tensors) and convert that"
+        )
+    if zipfile.is_zipfile(path):
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{path} is a torch.save archive that cannot be read: {detail}"
+    return (
+        f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy "
+        "pickle format): a truncated download, or another kind of file. Fetch it again"
+    )
+
+
+def lavis_name(key: str) -> str:
+    """The LAVIS name of a transformers BLIP-2 key (for messages); the key itself if none."""
+    for lavis, ours in RENAMES:
+        found = _compile(ours).fullmatch(key)
+        if found:
+            parts = found.groupdict()
+            return lavis.replace("{i}", parts.get("i") or "") + (parts.get("rest") or "")
+    if found := re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key):
+        return f"visual_encoder.blocks.{found[1]}.attn.q_bias / v_bias"
+    return key
+
+
+def refuse_clip_vit(state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """LAVIS's ``pretrain_vitL`` models put OpenAI's CLIP ViT-L where EVA ViT-g goes: another
+    network (no q/v-only biases, a pre-LayerNorm, fused attention weights) that transformers'
+    BLIP-2 cannot hold."""
+    clip = [
+        k
+        for k in state
+        if k.startswith("visual_encoder.")
+        and k.removeprefix("visual_encoder.").startswith(CLIP_VIT_KEYS)
+    ]
+    if clip:
+        raise DataError(
+            f"{source}: its visual_encoder is a CLIP ViT-L ({a_few(clip, 2)}), as in LAVIS's "
+            "pretrain_vitL BLIP-2 variants. transformers' Blip2ForImageTextRetrieval holds only "
+            "the EVA ViT-g of the other variants, so this checkpoint cannot be converted. Use an "
+            "EVA ViT-g checkpoint (LAVIS's pretrain / coco stage-1 models, or the published "
+            "Salesforce/blip2-itm-vit-g), or keep a ViT-L model in LAVIS"
+        )
+
+
 def rename(key: str) -> str | None:
     for pattern, target in _RENAMES:
         if found := pattern.fullmatch(key):
@@ -170,6 +231,7 @@ def rename(key: str) -> str | None:
 
 def map_state_dict(lavis: dict[str, torch.Tensor], record: Conversion) -> dict[str, torch.Tensor]:
     """transformers' state dict of a LAVIS one; what has no place goes to ``record``."""
+    refuse_clip_vit(lavis, record.source)
     state: dict[str, torch.Tensor] = {}
     biases: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in lavis.items():
@@ -204,23 +266,52 @@ def layer_indices(state: dict[str, torch.Tensor], prefix: str, part: str = "") -
     return sorted({int(m[1]) for k in state if (m := pattern.match(k))})
 
 
-def heads(kind: str, width: int, given: int | None) -> int:
-    if given is not None:
-        return given
-    if width in KNOWN_HEADS[kind]:
-        return KNOWN_HEADS[kind][width]
-    raise ConfigError(
-        f"the {kind} width {width} is not one LAVIS ships ({', '.join(map(str, KNOWN_HEADS[kind]))}"
-        f"): give its attention heads with --{kind}-heads N"
-    )
+def heads(kind: str, width: int, given: int | None, source: str, record: Conversion) -> int:
+    """The head count of the ``kind`` network (not in the shapes), recorded with its origin."""
+    known = KNOWN_HEADS[kind].get(width)
+    flag = f"--{kind}-heads"
+    if given is None and known is None:
+        raise ConfigError(
+            f"the {kind} width {width} is not one LAVIS ships "
+            f"({', '.join(map(str, KNOWN_HEADS[kind]))}): give its attention heads with {flag} N"
+        )
+    if width % (given or known):
+        raise ConfigError(f"{flag} {given}: does not divide the {kind} width {width}")
+    if given is None:
+        why = f"{KNOWN_NAMES[kind][width]}'s, as LAVIS builds width {width}"
+    elif known is not None and given != known:
+        why = (
+            f"{source}; LAVIS's {KNOWN_NAMES[kind][width]} of width {width} has {known}. The "
+            "shapes cannot tell, and a wrong count changes every embedding: check it against "
+            "the code that trained the checkpoint"
+        )
+    else:
+        why = source
+    record.assumed[f"{kind}_heads"] = {"value": given or known, "from": why}
+    return given or known
 
 
 def infer_config(
-    state: dict[str, torch.Tensor], vision_heads: int | None, qformer_heads: int | None
+    state: dict[str, torch.Tensor],
+    vision_heads: tuple[int | None, str],
+    qformer_heads: tuple[int | None, str],
+    record: Conversion,
 ) -> Blip2Config:
-    """The architecture of a converted state dict, read from its shapes."""
-    patch = state["vision_model.embeddings.patch_embedding.weight"]
-    positions = state["vision_model.embeddings.position_embedding"].shape[1] - 1
+    """The architecture of a converted state dict, read from its shapes; what the shapes cannot
+    tell (head counts, epsilons, dropout) goes to ``record.assumed``. ``*_heads``: (the count
+    given, else None; where it came from)."""
+
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise DataError(
+                f"{record.source} has no {lavis_name(key)}, which every LAVIS BLIP-2 Q-Former "
+                "model has: not a complete Blip2Qformer state dict (a partial save, or another "
+                "model)"
+            )
+        return state[key]
+
+    patch = need("vision_model.embeddings.patch_embedding.weight")
+    positions = need("vision_model.embeddings.position_embedding").shape[1] - 1
     width = patch.shape[0]
     side = math.isqrt(positions)
     if side * side != positions:
@@ -228,15 +319,17 @@ def infer_config(
     vision_layers = layer_indices(state, "vision_model.encoder.layers.")
     vision = {
         "hidden_size": width,
-        "intermediate_size": state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "intermediate_size": need("vision_model.encoder.layers.0.mlp.fc1.weight").shape[0],
         "num_hidden_layers": len(vision_layers),
-        "num_attention_heads": heads("vision", width, vision_heads),
+        "num_attention_heads": heads("vision", width, *vision_heads, record),
         "image_size": side * patch.shape[-1],
         "patch_size": patch.shape[-1],
         "layer_norm_eps": VISION_EPS,
+        # read by CSMCIR (transformers' own BLIP-2 uses layer_norm_eps there too)
+        "post_layernorm_eps": LN_VISION_EPS,
         "qkv_bias": True,
     }
-    words = state["embeddings.word_embeddings.weight"]
+    words = need("embeddings.word_embeddings.weight")
     layers = layer_indices(state, "qformer.encoder.layer.")
     cross = layer_indices(state, "qformer.encoder.layer.", "crossattention.")
     frequency = cross[1] - cross[0] if len(cross) > 1 else len(layers)
@@ -245,21 +338,32 @@ def infer_config(
     qformer = {
         "vocab_size": words.shape[0],
         "hidden_size": words.shape[1],
-        "intermediate_size": state["qformer.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "intermediate_size": need("qformer.encoder.layer.0.intermediate.dense.weight").shape[0],
         "num_hidden_layers": len(layers),
-        "num_attention_heads": heads("qformer", words.shape[1], qformer_heads),
+        "num_attention_heads": heads("qformer", words.shape[1], *qformer_heads, record),
         "cross_attention_frequency": frequency,
-        "max_position_embeddings": state["embeddings.position_embeddings.weight"].shape[0],
+        "max_position_embeddings": need("embeddings.position_embeddings.weight").shape[0],
         "layer_norm_eps": QFORMER_EPS,
         "hidden_dropout_prob": QFORMER_DROPOUT,
         "attention_probs_dropout_prob": QFORMER_DROPOUT,
         "use_qformer_text_input": True,
     }
+    record.assumed |= {
+        "vision_layer_norm_eps": {"value": VISION_EPS, "from": "LAVIS's EVA ViT (eva_vit.py)"},
+        "ln_vision_eps": {
+            "value": LN_VISION_EPS,
+            "from": "LAVIS's ln_vision, a plain nn.LayerNorm (written as the vision config's "
+            "post_layernorm_eps, which CSMCIR reads; transformers' own BLIP-2 applies "
+            f"layer_norm_eps {VISION_EPS} there)",
+        },
+        "qformer_layer_norm_eps": {"value": QFORMER_EPS, "from": "bert-base-uncased's"},
+        "qformer_dropout": {"value": QFORMER_DROPOUT, "from": "bert-base-uncased's"},
+    }
     return Blip2Config(
         vision_config=vision,
         qformer_config=qformer,
-        num_query_tokens=state["query_tokens"].shape[1],
-        image_text_hidden_size=state["text_projection.weight"].shape[0],
+        num_query_tokens=need("query_tokens").shape[1],
+        image_text_hidden_size=need("text_projection.weight").shape[0],
     )
 
 
@@ -304,11 +408,13 @@ def vision_weights(
 def bert_tokenizer(folder: Path, rows: int, record: Conversion) -> PreTrainedTokenizerBase:
     """The Q-Former's tokenizer: bert-base-uncased plus ``[DEC]`` as LAVIS builds it, with
     exactly one token for every row of the word embeddings."""
+    folder = resolve(folder, TOKENIZER, "--tokenizer")
     if not folder.is_dir():
         raise DataError(
-            f"--tokenizer folder not found: {folder}. Download it once: huggingface-cli download "
-            f"google-bert/bert-base-uncased --local-dir {folder} (a blip2-itm-vit-g folder, "
-            "whose tokenizer already has [DEC], works too)"
+            f"--tokenizer folder not found: {folder}. Give the hub name "
+            "google-bert/bert-base-uncased (its tokenizer files are fetched into the hub cache; "
+            "Salesforce/blip2-itm-vit-g, whose tokenizer already has [DEC], works too), or a "
+            f"local copy:\n  {local_copy_command(BERT_REPO, TOKENIZER, folder)}"
         )
     tokenizer = load_tokenizer(folder)
     if DEC_TOKEN not in tokenizer.get_vocab():
@@ -334,7 +440,10 @@ def convert_lavis(
     qformer_heads: int | None = None,
 ) -> Conversion:
     """Write ``out``: a ``Blip2ForImageTextRetrieval`` folder of a LAVIS/SPRC checkpoint."""
+    if vision is not None:
+        vision = resolve(vision, VISION, "--vision")
     lavis, wrapper = read_state_dict(checkpoint)
+    vision_said = "--vision-heads"
     if not any(k.startswith("Qformer.bert.") for k in lavis):
         raise DataError(
             f"{checkpoint} has no LAVIS Q-Former (Qformer.bert.*): not a LAVIS/SPRC BLIP-2 "
@@ -355,8 +464,11 @@ def convert_lavis(
         extra, source_heads, left = vision_weights(vision, vision_layers)
         state |= {k: v for k, v in extra.items() if k not in state}  # ln_vision: the checkpoint's
         record.unmapped += left
-        vision_heads = vision_heads or source_heads
-    config = infer_config(state, vision_heads, qformer_heads)
+        if vision_heads is None and source_heads is not None:
+            vision_heads, vision_said = source_heads, f"the config of --vision {vision}"
+    config = infer_config(
+        state, (vision_heads, vision_said), (qformer_heads, "--qformer-heads"), record
+    )
     tokenizer = bert_tokenizer(tokenizer_folder, config.qformer_config.vocab_size, record)
     processor = image_processor(
         ImageConfig(
@@ -364,7 +476,7 @@ def convert_lavis(
         )
     )
     kept = write_retrieval_folder(
-        config, state, tokenizer, processor, out, source=f"{checkpoint} (converted)"
+        config, state, tokenizer, processor, out, f"{checkpoint} (converted)", lavis_name
     )
     record.itm_head = "kept" if kept else "fresh"
     atomic_write_json(out / RECORD_FILE, record.__dict__)

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from csmcir.errors import ConfigError
+from csmcir.hub import MODEL
 from csmcir.io import read_json
 from csmcir.model.blip2 import from_blip2_folder
 from csmcir.model.config import CSMCIRConfig
@@ -54,7 +55,7 @@ def from_preset(
     overrides: dict[str, Any],
 ) -> CSMCIR:
     if preset.weights is not None:
-        return from_blip2_folder(CSMCIR, preset, preset.weights_dir(weights), overrides)
+        return from_blip2_folder(CSMCIR, preset, preset.weights_dir(weights, MODEL), overrides)
     if tokenizer is None:
         if tokenizer_corpus is None:
             raise ConfigError(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from csmcir.errors import ConfigError, DataError
+from csmcir.hub import MODEL, Use, resolve
 from csmcir.io import read_json
 
 # model_type -> the module that declares its KIND.
@@ -48,13 +49,18 @@ class Preset:
     weights: dict[str, Any] | None = None
     model_type: str = "csmcir"
 
-    def weights_dir(self, given: str | Path | None = None) -> Path:
-        """The folder the weights are read from: the argument, else $env, else the default."""
+    def weights_dir(self, given: str | Path | None, use: Use, flag: str = "weights") -> Path:
+        """Where the weights are read from: the argument, else $env, else the default folder
+        when it exists, else the preset's hub repo; a hub name is fetched (:mod:`csmcir.hub`)."""
         if self.weights is None:
             raise ConfigError(f"preset {self.name!r} is random-initialised and has no weights")
-        if given is not None:
-            return Path(given)
-        return Path(os.environ.get(self.weights["env"]) or self.weights["default_dir"])
+        if given is None and os.environ.get(self.weights["env"]):
+            given, flag = os.environ[self.weights["env"]], f"${self.weights['env']}"
+        if given is None:
+            default = Path(self.weights["default_dir"])
+            given = default if default.exists() else self.weights["repo"]
+            flag = f"preset {self.name!r}'s weights"
+        return resolve(given, use, flag)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,18 @@ def load_preset(name: str) -> Preset:
     raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
 
 
+def refuse_unread_weights(preset: Preset, weights: str | Path | None) -> None:
+    """Weights given to a preset that reads none are an error, never dropped."""
+    if weights is not None and preset.weights is None:
+        readers = [n for n in list_presets() if load_preset(n).weights is not None]
+        raise ConfigError(
+            f"preset {preset.name!r} is random-initialised and reads no weights, so weights "
+            f"{weights} (--model.weights) would be ignored: the presets that read them are "
+            f"{', '.join(readers)} (--model.preset), or start from a model folder with "
+            "--model.init_from"
+        )
+
+
 def from_preset(
     name: str,
     *,
@@ -123,8 +141,13 @@ def from_preset(
     seed: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Any:
-    """A model of any kind's preset (see ``CSMCIR.from_preset`` for the arguments)."""
+    """A model of any kind's preset (see ``CSMCIR.from_preset`` for the arguments).
+
+    Weights given to a preset that reads none are refused, never dropped: ``fit --model.weights
+    Salesforce/blip2-itm-vit-g`` with the ``tiny`` preset trained a random model and exited 0.
+    """
     preset = load_preset(name)
+    refuse_unread_weights(preset, weights)
     return kind(preset.model_type).from_preset(
         preset,
         tokenizer_corpus=tokenizer_corpus,
@@ -162,8 +185,9 @@ def refuse_checkpoint_file(path: Path) -> None:
 
 
 def from_pretrained(folder: str | Path, overrides: dict[str, Any] | None = None) -> Any:
-    """Load a model folder of any kind: the kind is read from its ``config.json``."""
-    folder = Path(folder)
+    """Load a model folder of any kind (a hub name is fetched first): the kind is read from its
+    ``config.json``."""
+    folder = resolve(folder, MODEL, "model")
     refuse_checkpoint_file(folder)
     if not folder.is_dir():
         raise DataError(f"model folder not found: {folder}")

@@ -12,6 +12,7 @@ config and tokenizer files, so it rebuilds the exact model without the data.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -54,6 +55,25 @@ class NegativeSource(Protocol):
         step: int,
         temperature: Tensor,
     ) -> dict[str, Any]: ...
+
+
+def refuse_unread(init_from: Path | None, **given: Any) -> None:
+    """No option is dropped: weights are refused for a preset that reads none, and with
+    ``--model.init_from`` (which starts from that folder's model and config) the options only
+    a preset reads are refused when set away from their defaults."""
+    from csmcir.model.registry import load_preset, refuse_unread_weights
+
+    if init_from is None:
+        refuse_unread_weights(load_preset(given["preset"]), given["weights"])
+        return
+    defaults = inspect.signature(CSMCIRModule.__init__).parameters
+    unread = [f"--model.{k} {v}" for k, v in given.items() if v != defaults[k].default]
+    if unread:
+        raise ConfigError(
+            f"--model.init_from {init_from} starts from that model as it is, so "
+            f"{', '.join(unread)} would be ignored: they are read only when a model is built "
+            "from --model.preset (e.g. blip2-vitg with --model.weights). Give one or the other"
+        )
 
 
 class CSMCIRModule(L.LightningModule):
@@ -104,6 +124,7 @@ class CSMCIRModule(L.LightningModule):
             raise ConfigError(f"--model.lr must be positive, got {lr}")
         if warmup_steps < 0:
             raise ConfigError(f"--model.warmup_steps must be 0 or more, got {warmup_steps}")
+        refuse_unread(init_from, preset=preset, weights=weights, vocab_size=vocab_size)
         low, high = temperature_range
         if not 0 < low <= temperature <= high:
             raise ConfigError(
@@ -199,6 +220,7 @@ class CSMCIRModule(L.LightningModule):
         ]
 
     def _build_model(self, datamodule):
+        from csmcir.hub import MODEL, resolve
         from csmcir.model import CSMCIR
         from csmcir.model.registry import load_preset
         from csmcir.model.run_folder import model_folder
@@ -206,7 +228,8 @@ class CSMCIRModule(L.LightningModule):
         hp = self.hparams
         options = dict(hp.model_options or {})
         if hp.init_from is not None:
-            folder = model_folder(hp.init_from, "--model.init_from")
+            given = resolve(hp.init_from, MODEL, "--model.init_from")
+            folder = model_folder(given, "--model.init_from")
             return CSMCIR.from_pretrained(folder, **options)
         preset = load_preset(hp.preset)
         corpus = datamodule.text_corpus() if preset.tokenizer == "wordpiece" else None
