@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from csmcir.cli import main as csmcir_main
@@ -12,12 +10,10 @@ from csmcir.model import CSMCIR
 from csmcir.model.features_cli import load_model
 from csmcir.train.module import CSMCIRModule
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthcir.yaml"
-
 
 def test_weights_given_to_a_random_preset_are_refused(tmp_path, capsys) -> None:
     """It trained the 340K-parameter tiny preset from random weights and exited 0."""
-    argv = ["fit", "--config", str(CONFIG), "--data.root", str(tmp_path / "none")]
+    argv = ["fit", "--config", "synthcir", "--data.root", str(tmp_path / "none")]
     assert csmcir_main([*argv, "--model.weights", "Salesforce/blip2-itm-vit-g"]) == 2
     err = capsys.readouterr().err
     assert "preset 'tiny' is random-initialised and reads no weights" in err
