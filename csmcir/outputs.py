@@ -189,18 +189,18 @@ def claim(
 ) -> dict[str, Any] | None:
     """Check that a command may write an output of ``kind`` at ``path`` (given by ``flag``).
 
-    ``reads``: the command's inputs, what each is (``"the --captions file"``) -> its path;
-    writing over one is refused. An output of the same kind is replaced (said when its
-    identity differs from ``identity``), unless ``other_identity="refuse"``. Returns the
-    record of what is replaced, None for a new path.
+    ``reads``: the command's other files (its inputs, a second output), what each is
+    (``"the --captions file"``) -> its path; writing over one is refused. An output of the
+    same kind is replaced (said when its identity differs from ``identity``), unless
+    ``other_identity="refuse"``. Returns the record of what is replaced, None for a new path.
     """
     noun = "folder" if kind in FOLDER_KINDS else "file"
     check_writable(path, flag)
     for what, source in (reads or {}).items():
         if source is not None and same_file(path, Path(source)):
             raise ConfigError(
-                f"{flag} {path} is {what}, which this command reads: writing there "
-                f"would destroy it. Give {flag} another {noun}"
+                f"{flag} {path} is also {what}: writing the {kind} there would destroy "
+                f"it. Give {flag} another {noun}"
             )
     if not path.exists():
         return None

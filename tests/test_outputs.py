@@ -80,7 +80,8 @@ def test_merge_never_writes_over_an_annotation_file_or_its_inputs(twins, tmp_pat
     assert caption("merge", a / "shards", "--out", run_json) == 2
     assert "csmcir did not write" in capsys.readouterr().err
     assert caption("merge", a / "shards", "--out", a / "shards") == 2
-    assert "is the shard folder, which this command reads" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is also the shard folder: writing the caption file there would destroy it" in err
 
 
 def test_merge_replaces_its_own_file_but_not_the_captions_of_another_run(twins, capsys):
@@ -163,9 +164,7 @@ def test_eval_refuses_to_write_its_results_over_its_own_captions(twins, capsys):
     args = ["eval", "--model", "tiny", "--benchmark", "synthcir", "--root", a, "--no-cache"]
     args += ["--device", "cpu", "--captions", caps, "--out", caps]
     assert csmcir_main(list(map(str, args))) == 2
-    assert f"--out {caps} is the --captions file, which this command reads" in (
-        capsys.readouterr().err
-    )
+    assert f"--out {caps} is also the --captions file: writing the" in (capsys.readouterr().err)
     assert caps.read_bytes() == before
 
 
@@ -274,7 +273,8 @@ def test_search_grids_are_named_per_query_and_replace_only_grids(
     assert "add-a-red-circle" in grids[0] and "remove-the-square" in grids[1]
 
     assert csmcir_main([*search, "--text", "x", "--grid", str(ref)]) == 2
-    assert f"--grid {ref} is the --ref image, which this command reads" in (capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert f"--grid {ref} is also the --ref image: writing the search grid there" in err
     photo = tmp_path / "photo.png"
     shutil.copy(a / "val" / "val-00001.png", photo)
     assert csmcir_main([*search, "--text", "x", "--grid", str(photo)]) == 2
@@ -323,9 +323,7 @@ def test_plot_embeddings_refuses_its_captions_and_pictures_it_did_not_draw(
     shutil.copy(a / "captions.json", caps)
     # the JSON report beside caps.png would be the caption file itself
     assert csmcir_main([*plot, "--captions", str(caps), "--out", str(tmp_path / "caps.png")]) == 2
-    assert f"--out {caps} is the --captions file, which this command reads" in (
-        capsys.readouterr().err
-    )
+    assert f"--out {caps} is also the --captions file: writing the" in (capsys.readouterr().err)
     photo = tmp_path / "photo.png"
     shutil.copy(a / "val" / "val-00001.png", photo)
     assert csmcir_main([*plot, "--captions", str(caps), "--out", str(photo)]) == 2

@@ -252,7 +252,7 @@ def write_submission(split: CIRSplit, scored, args: argparse.Namespace) -> list[
 
 
 def inputs(args: argparse.Namespace) -> dict[str, Path | None]:
-    """The files eval reads, which its --out must never replace."""
+    """The files eval reads or writes besides its results, which its --out must never be."""
     return {
         "the --captions file": args.captions,
         "the --features cache": args.features,
