@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     print("\nThe trained model by modification type (change:<attribute>: what a change edits):")
     print(format_by_type(evaluated["by_type"], columns=("R@1", "R@10", "Rsubset@1", "Avg")))
-    summary = {"table": table, "by_type": evaluated["by_type"], "stages": stages.times}
+    summary = {
+        "table": table,
+        "by_type": evaluated["by_type"],
+        "stages": stages.times,
+        "model": {"folder": str(model_dir), "fingerprint": evaluated["fingerprint"]},
+    }
     atomic_write_json(pictures / "summary.json", summary)
     print(f"\nquickstart finished in {stages.elapsed / 60:.1f} min. It wrote:")
     for label, path in (
@@ -352,7 +357,12 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any],
     }
     r = table["trained"]
     summary = f"R@1 {r['R@1']:.1f}, R@10 {r['R@10']:.1f}, Rsubset@1 {r['Rsubset@1']:.1f}"
-    result = {"table": table, "by_type": by_type(scored.scores, prepared), "scores": scored}
+    result = {
+        "table": table,
+        "by_type": by_type(scored.scores, prepared),
+        "scores": scored,
+        "fingerprint": trained.fingerprint(),  # whose numbers these are (csmcir export hf)
+    }
     return result, summary + f" over {len(split.queries)} queries, {len(split.gallery)} images"
 
 

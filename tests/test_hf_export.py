@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoProcessor, AutoTokenizer, Blip2ForImageTextRetrieva
 
 from csmcir.cli import main as csmcir_main
 from csmcir.model import CSMCIR
+from csmcir.model.blip2 import image_processor
 
 TEXTS = ["make the circle blue", "remove the green square", "a <image> test"]
 
@@ -24,21 +26,23 @@ def images(n: int = 3) -> list[Image.Image]:
     ]
 
 
-def transformers_embeddings(folder: Path, model: CSMCIR) -> tuple[torch.Tensor, torch.Tensor]:
+def transformers_embeddings(folder: Path, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Query embeddings by transformers' own multimodal pass (read at [CLS]) and its ITC image
-    embeddings, with its own processor and tokenizer loaded from the folder."""
+    embeddings, with its own processor loaded from the folder. The processor puts the query
+    tokens' <image> ids first (the model drops them); one written in a text is mapped to [UNK],
+    as csmcir's tokenizer maps it."""
     blip = Blip2ForImageTextRetrieval.from_pretrained(folder, local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, use_fast=False)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    pixels = processor.image_processor(images(), return_tensors="pt")["pixel_values"]
-    tokens = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    vocab = blip.config.qformer_config.vocab_size
-    ids = tokens["input_ids"].masked_fill(tokens["input_ids"] >= vocab, tokenizer.unk_token_id)
+    inputs = processor(images=images(len(texts)), text=texts, padding=True, return_tensors="pt")
     n = blip.config.num_query_tokens
+    vocab = blip.config.qformer_config.vocab_size
+    text_ids = inputs["input_ids"][:, n:]
+    text_ids.masked_fill_(text_ids >= vocab, tokenizer.unk_token_id)
     with torch.no_grad():
-        itm = blip(pixels, ids, tokens["attention_mask"], use_image_text_matching_head=True)
+        itm = blip(**inputs, use_image_text_matching_head=True)
         queries = F.normalize(blip.text_projection(itm.text_model_output.last_hidden_state[:, n]))
-        itc = blip(pixels, ids, tokens["attention_mask"], use_image_text_matching_head=False)
+        itc = blip(**inputs, use_image_text_matching_head=False)
     return queries, itc.image_embeds
 
 
@@ -61,7 +65,7 @@ def test_a_fine_tuned_blip2_model_exports_with_its_itm_head(tmp_path, capsys) ->
     ours_model = CSMCIR.from_pretrained(trained).eval()
     with torch.no_grad():
         ours = ours_model.encode_query(TEXTS, images=images())
-    theirs, _ = transformers_embeddings(tmp_path / "hf", ours_model)
+    theirs, _ = transformers_embeddings(tmp_path / "hf", TEXTS)
     assert (ours - theirs).abs().max() <= 1e-6
     exported = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
     assert torch.equal(exported.itm_head.weight, blip.itm_head.weight)
@@ -76,9 +80,10 @@ def test_a_random_model_exports_with_a_fresh_itm_head_and_says_so(tmp_path, caps
     assert "ITC image_embeds are this model's target embeddings" in printed
     model = CSMCIR.from_pretrained(folder).eval()
     with torch.no_grad():
-        queries = model.encode_query(TEXTS, images=images())
-        targets = model.encode_target(None, images=images())
-    theirs_q, theirs_t = transformers_embeddings(tmp_path / "hf", model)
+        # TEXTS[2] writes "<image>": the processor's token, which this tokenizer never had
+        queries = model.encode_query(TEXTS[:2], images=images(2))
+        targets = model.encode_target(None, images=images(2))
+    theirs_q, theirs_t = transformers_embeddings(tmp_path / "hf", TEXTS[:2])
     assert (queries - theirs_q).abs().max() <= 1e-6
     assert (targets - theirs_t).abs().max() <= 1e-6
 
@@ -106,3 +111,57 @@ def test_a_blip2_folder_round_trips_unchanged(tmp_path, capsys) -> None:
     again = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
     theirs = blip.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in again.state_dict().items())
+
+
+def test_the_documented_processor_usage_runs_and_gives_the_model_embeddings(tmp_path, capsys):
+    """``AutoProcessor(images=..., text=...)`` with ``max_length`` raised TypeError (the folder
+    had no processor config, so num_query_tokens was None); now the processor puts the query
+    tokens' <image> ids first and the model drops them again."""
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
+    folder = model.save_pretrained(tmp_path / "tiny")
+    export(folder, tmp_path / "hf", capsys)
+    blip = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    n = blip.config.num_query_tokens
+    texts = [*TEXTS[:2], "make the circle blue " * 40]  # the last one is cut
+    inputs = processor(
+        images=images(),
+        text=texts,
+        padding="max_length",
+        max_length=n + 32,
+        truncation=True,
+        return_tensors="pt",
+    )
+    assert inputs["input_ids"].shape == (3, n + 32)
+    assert (inputs["input_ids"][:, :n] == blip.config.image_token_index).all()
+    with torch.no_grad():
+        out = blip(**inputs, use_image_text_matching_head=True)
+        theirs = F.normalize(blip.text_projection(out.text_model_output.last_hidden_state[:, n]))
+        ours = CSMCIR.from_pretrained(folder).eval().encode_query(texts, images=images())
+    assert (ours - theirs).abs().max() <= 1e-6
+
+
+def test_a_run_folder_exports_its_final_model(tmp_path, capsys) -> None:
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
+    model.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "last.ckpt").write_bytes(b"")
+    printed = export(tmp_path / "run", tmp_path / "hf", capsys)
+    assert "verified with transformers" in printed
+    exported = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf")
+    assert torch.equal(exported.query_tokens, model.tower.query_tokens)
+
+
+def test_verification_fails_when_the_folder_does_not_reproduce_the_model(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """The check is not a formality: a folder whose processor normalises otherwise is refused."""
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
+    folder = model.save_pretrained(tmp_path / "tiny")
+    wrong = dataclasses.replace(model.config.image, mean=(0.5, 0.5, 0.5))
+    monkeypatch.setattr(
+        "csmcir.model.hf_export.image_processor", lambda image: image_processor(wrong)
+    )
+    assert csmcir_main(["export", "hf", str(folder), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "transformers' embeddings from the exported folder differ" in err
+    assert "do not publish it" in err

@@ -9,9 +9,10 @@ kept, frozen, so that ``csmcir export hf`` can give them back.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     Blip2Config,
     Blip2ForImageTextRetrieval,
+    Blip2Processor,
     BlipImageProcessor,
     PreTrainedTokenizerBase,
 )
@@ -293,17 +295,25 @@ def write_retrieval_folder(
     config: Blip2Config,
     state: dict[str, torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
-    processor: BlipImageProcessor,
+    images: BlipImageProcessor,
     folder: Path,
     source: str,
     named: Callable[[str], str] = str,
+    extra: Mapping[str, str] | None = None,
 ) -> bool:
     """Write a new ``Blip2ForImageTextRetrieval`` folder laid out as the hub's; True when the
     ``itm_head`` came with ``state``, False when it had to be freshly initialised.
 
     Every other weight of the architecture must be in ``state``, in its shape, and nothing else
     may be: transformers' ``save_pretrained`` writes what ``from_pretrained`` reads back.
-    ``named`` gives a key's name as the source spells it, for messages.
+    ``named`` gives a key's name as the source spells it, for messages. The folder carries a
+    ``Blip2Processor`` (``processor_config.json``, beside the hub's
+    ``preprocessor_config.json``) with the model's ``num_query_tokens``, and the config the
+    id of the processor's ``<image>`` token: ``processor(images=..., text=...)`` puts that many
+    ``<image>`` ids before each text (without ``num_query_tokens`` it fails on ``max_length``),
+    and ``Blip2ForImageTextRetrieval`` drops them again when ``image_token_index`` is set.
+    ``extra`` files (name -> text, a model card) are written with the rest, before the folder
+    is renamed into place.
     """
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"{folder} exists and is not an empty folder: pick a new --out")
@@ -337,12 +347,19 @@ def write_retrieval_folder(
         weight = torch.randn(blip.itm_head.weight.shape, generator=generator) * std
         state |= {"itm_head.weight": weight, "itm_head.bias": torch.zeros(2)}
     blip.load_state_dict(state, strict=True)
+    # A copy: the processor adds <image> to the tokenizer it is given.
+    processor = Blip2Processor(images, copy.deepcopy(tokenizer), config.num_query_tokens)
+    blip.config.image_token_index = processor.tokenizer.convert_tokens_to_ids(
+        str(processor.image_token)
+    )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         blip.save_pretrained(tmp)
-        tokenizer.save_pretrained(str(tmp))
-        processor.save_pretrained(tmp)
+        processor.save_pretrained(tmp)  # tokenizer files, processor_config.json
+        images.save_pretrained(tmp)  # preprocessor_config.json, as the hub has it
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if folder.exists():
             folder.rmdir()
         swap_in(tmp, folder)
