@@ -48,6 +48,7 @@ from bench.bench_memory_bank import build_model, corpus
 from bench.feature_data import PATHS, endless, loader, synthetic_cache, triplets
 from bench.report import PEAK_SOURCE, device_label, mfu, section_name, update_section
 from csmcir.data.batches import collate
+from csmcir.io import atomic_write_json
 from csmcir.model import CSMCIR
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.registry import load_preset
@@ -238,6 +239,7 @@ def main() -> None:
         "--size", choices=MODELS, default="real", help="tiny: the tiny preset (a dry run)"
     )
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, help="also write the rows here (the GPU suite)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -250,7 +252,7 @@ def main() -> None:
 
     texts = corpus(64, 1)
     captions = [a + " " + b for a, b in zip(corpus(64, 2), corpus(64, 3), strict=True)]
-    rows = []
+    rows, records = [], []
     for batch in args.batch_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             # eight batches of distinct rows; the steps cycle through them
@@ -266,6 +268,11 @@ def main() -> None:
                     for p in PHASES
                 ]
                 utilisation = mfu(flops / loop, device, precision)
+                records.append(
+                    {"batch": batch, "precision": precision, "path": path, "loop_ms": loop * 1e3,
+                     "critical_ms": critical * 1e3, "tflops": flops / loop / 1e12,
+                     "mfu": utilisation}
+                )  # fmt: skip
                 rows.append(
                     f"| {batch} | {precision} | {path} | " + " | ".join(cells) + " | "
                     f"**{critical * 1e3:.0f}** | {t.data(path) / critical * 100:.1f}% | "
@@ -306,6 +313,8 @@ def main() -> None:
         ]
     )
     print(body)
+    if args.json:
+        atomic_write_json(args.json, records)
     if not args.no_report:
         update_section(section_name("cached_step", device), body)
 
