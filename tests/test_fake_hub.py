@@ -22,7 +22,9 @@ from test_lavis_convert import to_lavis
 from csmcir import hub
 from csmcir.cli import main as csmcir_main
 from csmcir.data.synth import SynthConfig, generate
+from csmcir.evaluation.encode import load_model
 from csmcir.model import CSMCIR
+from csmcir.model.features_cli import load_model as features_model
 
 BLIP2, BERT, MLLM, CLIP = (
     "Salesforce/blip2-itm-vit-g",
@@ -97,6 +99,16 @@ def test_each_use_fetches_only_its_files(fake_hub, repos, tmp_path) -> None:
     assert fetched(fake_hub, CLIP) == {"open_clip_config.json", "open_clip_model.safetensors"}
     commit = repos[BERT].commit
     assert hub.resolve(f"{BERT}@{commit}", hub.TOKENIZER, "--tokenizer").name == commit
+
+
+def test_model_arguments_take_hub_names(fake_hub) -> None:
+    """--model of eval / index build / plots, of features, and a preset's weights."""
+    assert load_model(BLIP2, corpus=list).config.preset == "blip2-vitg"
+    assert features_model(BLIP2, None).config.preset == "blip2-vitg"
+    assert CSMCIR.from_preset("blip2-vitg", weights=f"hf-hub:{BLIP2}").config.itm_head
+    assert not fetched(fake_hub, BLIP2) & set(DECOYS)
+    with pytest.raises(hub.HubError, match="--model org/none: no such local path"):
+        load_model("org/none", corpus=list)
 
 
 def test_a_local_path_wins_and_non_names_stay_paths(fake_hub, tmp_path, monkeypatch) -> None:

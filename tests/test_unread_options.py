@@ -8,7 +8,7 @@ from csmcir.cli import main as csmcir_main
 from csmcir.errors import ConfigError
 from csmcir.model import CSMCIR
 from csmcir.model.features_cli import load_model
-from csmcir.train.module import CSMCIRModule
+from csmcir.train.module import CSMCIRModule, check_init_preset
 
 
 def test_weights_given_to_a_random_preset_are_refused(tmp_path, capsys) -> None:
@@ -28,9 +28,14 @@ def test_init_from_refuses_the_options_only_a_preset_reads(tmp_path) -> None:
         CSMCIRModule(init_from=tmp_path, weights=tmp_path, vocab_size=512)
     message = str(err.value)
     assert f"--model.weights {tmp_path}, --model.vocab_size 512 would be ignored" in message
-    with pytest.raises(ConfigError, match=r"--model\.preset blip2-vitg would be ignored"):
-        CSMCIRModule(init_from=tmp_path, preset="blip2-vitg")
     CSMCIRModule(init_from=tmp_path)  # the defaults are not "given"
+    CSMCIRModule(init_from=tmp_path, preset="blip2-vitg")  # a packaged config's: checked later
+    tiny = CSMCIR.from_preset("tiny", tokenizer_corpus=["a red circle"])
+    check_init_preset(tmp_path, tiny, "tiny")
+    with pytest.raises(
+        ConfigError, match=r"holds a 'tiny' model, but --model\.preset is 'blip2-vitg'"
+    ):
+        check_init_preset(tmp_path, tiny, "blip2-vitg")
 
 
 def test_features_weights_need_a_preset(tmp_path) -> None:

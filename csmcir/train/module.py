@@ -60,19 +60,36 @@ class NegativeSource(Protocol):
 def refuse_unread(init_from: Path | None, **given: Any) -> None:
     """No option is dropped: weights are refused for a preset that reads none, and with
     ``--model.init_from`` (which starts from that folder's model and config) the options only
-    a preset reads are refused when set away from their defaults."""
+    a preset reads are refused when set away from their defaults. ``preset`` is checked against
+    the folder's model once it is loaded (:func:`check_init_preset`): the packaged fit configs
+    name one, and starting from a model of that preset is what they mean."""
     from csmcir.model.registry import load_preset, refuse_unread_weights
 
     if init_from is None:
         refuse_unread_weights(load_preset(given["preset"]), given["weights"])
         return
     defaults = inspect.signature(CSMCIRModule.__init__).parameters
-    unread = [f"--model.{k} {v}" for k, v in given.items() if v != defaults[k].default]
+    unread = [
+        f"--model.{k} {v}" for k, v in given.items() if k != "preset" and v != defaults[k].default
+    ]
     if unread:
         raise ConfigError(
             f"--model.init_from {init_from} starts from that model as it is, so "
             f"{', '.join(unread)} would be ignored: they are read only when a model is built "
             "from --model.preset (e.g. blip2-vitg with --model.weights). Give one or the other"
+        )
+
+
+def check_init_preset(init_from: Path | str, model: Any, preset: str) -> None:
+    """A ``--model.preset`` other than the default must be the preset of the ``init_from``
+    model: otherwise the run would silently train another model than the one named."""
+    default = inspect.signature(CSMCIRModule.__init__).parameters["preset"].default
+    own = getattr(model.config, "preset", None)
+    if preset != default and own is not None and own != preset:
+        raise ConfigError(
+            f"--model.init_from {init_from} holds a {own!r} model, but --model.preset is "
+            f"{preset!r}, which it would ignore: set --model.preset {own} (or leave it out), or "
+            "start from a model of that preset"
         )
 
 
@@ -230,7 +247,9 @@ class CSMCIRModule(L.LightningModule):
         if hp.init_from is not None:
             given = resolve(hp.init_from, MODEL, "--model.init_from")
             folder = model_folder(given, "--model.init_from")
-            return CSMCIR.from_pretrained(folder, **options)
+            model = CSMCIR.from_pretrained(folder, **options)
+            check_init_preset(hp.init_from, model, hp.preset)
+            return model
         preset = load_preset(hp.preset)
         corpus = datamodule.text_corpus() if preset.tokenizer == "wordpiece" else None
         return CSMCIR.from_preset(
