@@ -171,6 +171,11 @@ class CLIP4Cir(nn.Module):
         cut at ``context_length`` tokens), so a command can say a query was cut."""
         return self.tokenizer.kept_texts(texts, self.config.context_length)
 
+    def mostly_unknown(self, texts: Sequence[str]) -> list[float | None]:
+        """Per text: None when the tokenizer knows most of it, else the share it reads as
+        unknown (CLIP's byte-level BPE knows every text)."""
+        return self.tokenizer.mostly_unknown(texts)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.precision)
         if dtype is None:

@@ -27,6 +27,7 @@ from csmcir.model.tokenizer import (
     check_tokenizer,
     kept_texts,
     load_tokenizer,
+    mostly_unknown,
 )
 
 OPEN_CLIP_FILE = "open_clip_tokenizer.json"
@@ -44,6 +45,8 @@ class TextTokenizer(Protocol):
     def encode(self, texts: Sequence[str], context_length: int) -> torch.Tensor: ...
 
     def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]: ...
+
+    def mostly_unknown(self, texts: Sequence[str]) -> list[float | None]: ...
 
     def save_pretrained(self, folder: str | Path) -> None: ...
 
@@ -87,6 +90,9 @@ class WordPieceTokenizer:
     def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]:
         """Per text: None when it fits, else the start that :meth:`encode` keeps."""
         return kept_texts(self.tokenizer, texts, context_length)
+
+    def mostly_unknown(self, texts: Sequence[str]) -> list[float | None]:
+        return mostly_unknown(self.tokenizer, texts)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
@@ -148,6 +154,10 @@ class OpenCLIPTokenizer:
         room = context_length - 2
         tokens = [self.bpe.encode(text) for text in texts]
         return [None if len(t) <= room else self.bpe.decode(t[:room]).strip() for t in tokens]
+
+    def mostly_unknown(self, texts: Sequence[str]) -> list[float | None]:
+        """All None: CLIP's BPE works on bytes, so every character has tokens."""
+        return [None] * len(texts)
 
     def save_pretrained(self, folder: str | Path) -> None:
         atomic_write_json(

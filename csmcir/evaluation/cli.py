@@ -10,6 +10,7 @@ csmcir eval --model tiny ...      # untrained zero-shot baseline: what training 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from csmcir.data.captions import load_captions
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         data[s.benchmark] = s.summary() | {
             "gallery_from_cache": scored.gallery_from_cache,
             "texts_cut": texts_cut(model, s, scored.prepared.texts, captions),
+            "texts_unknown": texts_unknown(model, s, scored.prepared.texts, captions),
         }
         if args.submission:
             written += [str(p) for p in write_submission(s, scored, args)]
@@ -205,17 +207,47 @@ def run(args: argparse.Namespace) -> dict:
 def texts_cut(model, split: CIRSplit, queries: list[str], captions) -> dict[str, int]:
     """How many query texts and gallery captions are longer than the model reads (it reads
     their first ``max_text_length`` tokens, as every CIR codebase does); said when any."""
-    cut = {"queries": sum(k is not None for k in model.truncated(queries))}
-    if model.config.target_text == "caption" and captions:
-        texts = [captions[g] for g in split.gallery if g in captions]
-        cut["captions"] = sum(k is not None for k in model.truncated(texts))
-    if any(cut.values()):
+    said = "are longer than the model reads and were cut to their first tokens"
+    texts = gallery_captions(model, split, captions)
+    return count_texts(split, queries, texts, model.truncated, said)
+
+
+def texts_unknown(model, split: CIRSplit, queries: list[str], captions) -> dict[str, int]:
+    """How many query texts and gallery captions are mostly unknown to the tokenizer (read as
+    [UNK]: such a query is answered by its reference image alone); said when any."""
+    said = (
+        "are mostly unknown to the model's tokenizer (read as [UNK]): the model reads little "
+        "or nothing of them"
+    )
+    texts = gallery_captions(model, split, captions)
+    return count_texts(split, queries, texts, model.mostly_unknown, said)
+
+
+def count_texts(
+    split: CIRSplit,
+    queries: list[str],
+    captions: list[str],
+    flag: Callable[[list[str]], list],
+    said: str,
+) -> dict[str, int]:
+    """Count the queries and captions ``flag`` marks (not None) and warn with ``said`` if any."""
+    counts = {"queries": sum(f is not None for f in flag(queries))}
+    if captions:
+        counts["captions"] = sum(f is not None for f in flag(captions))
+    if any(counts.values()):
         warn(
-            f"{split.benchmark} {split.split}: {cut['queries']} of {len(queries)} query texts"
-            + (f" and {cut['captions']} gallery captions" if cut.get("captions") else "")
-            + " are longer than the model reads and were cut to their first tokens"
+            f"{split.benchmark} {split.split}: {counts['queries']} of {len(queries)} query texts"
+            + (f" and {counts['captions']} gallery captions" if counts.get("captions") else "")
+            + f" {said}"
         )
-    return cut
+    return counts
+
+
+def gallery_captions(model, split: CIRSplit, captions) -> list[str]:
+    """The captions the model reads with the gallery images (none for image-only targets)."""
+    if model.config.target_text != "caption" or not captions:
+        return []
+    return [captions[g] for g in split.gallery if g in captions]
 
 
 def headline(benchmark: str, metrics: dict[str, dict[str, float]]) -> dict | None:

@@ -27,7 +27,7 @@ from transformers.initialization import no_init_weights
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.fingerprint import tensor_fingerprint
 from csmcir.model.init import init_random_weights
-from csmcir.model.tokenizer import check_vocabulary, clamp_ids, kept_texts
+from csmcir.model.tokenizer import check_vocabulary, clamp_ids, kept_texts, mostly_unknown
 from csmcir.model.transforms import ImageTransform
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -281,6 +281,11 @@ class CSMCIR(nn.Module):
         """Per text: None when the model reads all of it, else the start it reads (texts are
         cut at ``max_text_length`` tokens), so a command can say a query was cut."""
         return kept_texts(self.tokenizer, texts, self.config.max_text_length)
+
+    def mostly_unknown(self, texts: Sequence[str]) -> list[float | None]:
+        """Per text: None when the tokenizer knows most of it, else the share it reads as [UNK]
+        (see :func:`csmcir.model.tokenizer.mostly_unknown`)."""
+        return mostly_unknown(self.tokenizer, texts)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.precision)

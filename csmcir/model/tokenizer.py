@@ -130,6 +130,49 @@ def _kept(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> str
     return text[: ends[-1]] if ends else ""
 
 
+MOSTLY_UNKNOWN = 0.5  # a text is said to be unreadable above this share of unknown characters
+
+
+def mostly_unknown(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[float | None]:
+    """Per text: None when the tokenizer knows most of it, else the share of its non-space
+    characters it reads as [UNK] (over :data:`MOSTLY_UNKNOWN`), so a command can say so.
+
+    WordPiece turns a whole word with one unknown character into a single [UNK], so a text of
+    emoji becomes one token and the model reads the reference image alone; counting characters
+    (through the offsets) says how much of what the user wrote was lost. A tokenizer without
+    offsets counts tokens instead.
+    """
+    unk = tokenizer.unk_token_id
+    fast = tokenizer.is_fast
+    enc = tokenizer(list(texts), return_special_tokens_mask=True, return_offsets_mapping=fast)
+    shares = []
+    for i, text in enumerate(texts):
+        ids = enc["input_ids"][i]
+        if fast:
+            offsets = zip(ids, enc["offset_mapping"][i], strict=True)
+            lost = sum(_written(text[a:b]) for t, (a, b) in offsets if t == unk)
+            written = _written(text)
+        else:
+            words = [t for t, s in zip(ids, enc["special_tokens_mask"][i], strict=True) if not s]
+            lost, written = sum(t == unk for t in words), len(words)
+        shares.append(lost / written if written else 0.0)
+    return [share if share > MOSTLY_UNKNOWN else None for share in shares]
+
+
+def _written(text: str) -> int:
+    """How many characters of ``text`` are not white space."""
+    return len("".join(text.split()))
+
+
+def describe_unknown(share: float) -> str:
+    """A user-facing sentence for a text that is mostly unknown to the tokenizer."""
+    return (
+        f"{share:.0%} of the text is unknown to the model's tokenizer (read as [UNK]: emoji, "
+        "symbols or a script its vocabulary lacks), so the search ranks by the reference image "
+        "almost alone; write the change in words"
+    )
+
+
 def describe_cut(text: str, kept: str, shown: int = 60) -> str:
     """A user-facing sentence on where a text was cut: the last words the model read."""
     tail = kept[-shown:].lstrip()

@@ -20,7 +20,7 @@ from csmcir.data.layout import first_few
 from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.model.run_folder import model_folder
-from csmcir.model.tokenizer import describe_cut
+from csmcir.model.tokenizer import describe_cut, describe_unknown
 from csmcir.outputs import SEARCH_GRID, claim, short_digest
 from csmcir.retrieval.grid import ECHOED, GridItem, check_grid_path, save_grid, shorten
 from csmcir.retrieval.index import GalleryIndex
@@ -69,6 +69,9 @@ def main(argv: list[str]) -> int:
     (kept,) = model.truncated([args.text])
     if kept is not None:
         warn(f"--text: {describe_cut(args.text, kept)}")
+    (unknown,) = model.mostly_unknown([args.text])
+    if unknown is not None:
+        warn(f"--text: {describe_unknown(unknown)}")
     with torch.inference_mode():
         query = model.encode_query([args.text], pixel_values=model.preprocess([reference]))
     hits = index.search(query, args.k)
