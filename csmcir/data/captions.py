@@ -30,6 +30,14 @@ IMAGE_KEY = "image_sha256"  # the fingerprint of the image a caption describes
 BENCHMARK_KEY, RUN_KEY = "benchmark", "run"  # the benchmark and the caption run it came from
 
 
+def caption_writers(path: str | Path) -> set[str]:
+    """The captioning models a caption file names (the ``model`` of each record of a merged
+    file, e.g. ``oracle(noise=0,seed=0)``); empty for files that name none."""
+    data = read_json(path, "caption file")
+    values = data.values() if isinstance(data, dict) else []
+    return {v["model"] for v in values if isinstance(v, dict) and isinstance(v.get("model"), str)}
+
+
 def load_captions(
     path: str | Path,
     images: Mapping[str, str | Path] | None = None,

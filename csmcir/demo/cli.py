@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     with serve(demo, args.host, args.port) as app:
         folders = ", ".join(map(str, demo.gallery_folders()))
         print(f"{len(demo.index)} gallery images; the server reads files only under: {folders}")
-        print(f"demo running at {app.local_url}  (Ctrl+C stops it)")
+        print(f"demo running at {app.local_url}  (Ctrl+C or kill stops it and deletes the uploads)")
         app.block_thread()
     return 0
 

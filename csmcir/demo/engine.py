@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from csmcir.data.images import ImageTooLargeError, load_image
+from captioning.backends.oracle import OracleBackend
+from csmcir.data.captions import caption_writers
+from csmcir.data.images import ImageTooLargeError, load_image, open_image, pixel_digest
 from csmcir.errors import ConfigError, DataError
 from csmcir.model.run_folder import model_folder
-from csmcir.model.tokenizer import describe_cut
+from csmcir.model.tokenizer import describe_cut, describe_unknown
 from csmcir.retrieval.index import GalleryIndex
 
 DEFAULT_MAX_UPLOAD_MB = 10.0
@@ -46,6 +48,8 @@ class RetrievalDemo:
         self.max_upload_mb = max_upload_mb
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.gallery = gallery_files(index)
+        self._ids_by_size: dict[tuple[int, int], list[str]] | None = None
+        self._digests: dict[str, str] = {}
 
     @classmethod
     def load(
@@ -89,10 +93,7 @@ class RetrievalDemo:
             raise DataError(f"the upload {path.name} did not arrive; try again")
         size = path.stat().st_size
         if size > self.max_upload_bytes:
-            raise DataError(
-                f"{path.name} is {size / 2**20:.2f} MB; uploads are limited to "
-                f"{self.max_upload_mb:g} MB"
-            )
+            raise DataError(self.size_refusal(path.name, size))
         try:
             return load_image(path, name=path.name)
         except ImageTooLargeError:
@@ -101,6 +102,56 @@ class RetrievalDemo:
             raise DataError(
                 f"{path.name} is not an image this demo can read (PNG, JPEG, WebP, ...)"
             ) from None
+
+    def size_refusal(self, name: str, size: int) -> str:
+        """Why an upload of ``size`` bytes is refused (the page says it before sending it)."""
+        return (
+            f"{name} is {size / 2**20:.2f} MB; uploads are limited to {self.max_upload_mb:g} MB "
+            "(csmcir demo --max-upload-mb)"
+        )
+
+    def gallery_match(self, image: Image.Image) -> str | None:
+        """The id of the gallery image with exactly ``image``'s pixels, if any, so an uploaded
+        copy of a gallery image can be hidden from its own ranking like a picked one.
+
+        The first call reads every gallery image's header (not its pixels); only images of the
+        same size are decoded and hashed, once each.
+        """
+        if self._ids_by_size is None:
+            self._ids_by_size = {}
+            for image_id, path in self.gallery.items():
+                with open_image(path) as img:
+                    self._ids_by_size.setdefault(img.size, []).append(image_id)
+        digest = pixel_digest(image)
+        for image_id in self._ids_by_size.get(image.size, []):
+            if image_id not in self._digests:
+                self._digests[image_id] = pixel_digest(load_image(self.gallery[image_id]))
+            if self._digests[image_id] == digest:
+                return image_id
+        return None
+
+    def caption_note(self) -> str | None:
+        """Says so when the index's gallery captions were written by the oracle captioner from
+        the benchmark's ground truth (not by an MLLM): its scores are then optimistic."""
+        captions = self.index.meta.get("captions")
+        if not self.index.meta.get("captioned") or not captions:
+            return None
+        try:
+            writers = caption_writers(captions)
+        except DataError:
+            return None  # moved or unreadable: who wrote them is unknown, so nothing is said
+        if not any(w.startswith(f"{OracleBackend.name}(") for w in writers):
+            return None
+        return (
+            f"the gallery captions ({Path(captions).name}) were written by the oracle captioner "
+            "from the benchmark's ground truth (scenes.json), not by an MLLM: each one states "
+            "exactly what its image holds, which an MLLM's captions do not"
+        )
+
+    def unknown_note(self, text: str) -> str | None:
+        """Says so when most of a text is unknown to the model's tokenizer (read as [UNK])."""
+        (share,) = self.model.mostly_unknown([text.strip()])
+        return None if share is None else describe_unknown(share)
 
     def cut_note(self, text: str) -> str | None:
         """Where the model cuts a text longer than it reads (None: it reads all of it)."""
