@@ -111,6 +111,18 @@ def test_model_arguments_take_hub_names(fake_hub) -> None:
         load_model("org/none", corpus=list)
 
 
+def test_an_index_of_a_hub_model_records_its_cached_folder(fake_hub, tmp_path) -> None:
+    """Not a copy of the model in INDEX/model, as for an untrained preset."""
+    small = tmp_path / "small"
+    generate(small, SynthConfig(train_refs=2, val_refs=1, test_refs=1, image_size=40))
+    argv = ["index", "build", "--model", BLIP2, "--benchmark", "synthcir", "--root", str(small)]
+    argv += ["--empty-captions", "--no-cache", "--device", "cpu", "--out", str(tmp_path / "idx")]
+    assert csmcir_main(argv) == 0
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert hub.Path(meta["model_dir"]).is_relative_to(tmp_path / "hf-home" / "hub")
+    assert not (tmp_path / "idx" / "model").exists()
+
+
 def test_a_local_path_wins_and_non_names_stay_paths(fake_hub, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "google-bert" / "bert-base-uncased").mkdir(parents=True)

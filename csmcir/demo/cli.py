@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--model",
         type=Path,
-        help="model folder or training run folder (its model/); default: the index's own",
+        help="model folder, training run folder (its model/) or hub name; default: the index's own",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: the first free from 7860)")

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="exported model folder, a training run folder (its model/), or a preset (tiny)",
+        help="exported model folder, a training run folder (its model/), a preset (tiny), or a hub "
+        "name (org/name, fetched into the hub cache)",
     )
     p.add_argument("--benchmark", required=True, help="synthcir, cirr, fashioniq, circo, ...")
     p.add_argument("--root", required=True, type=Path, help="the benchmark's folder")

@@ -18,6 +18,7 @@ from csmcir.data.captions import load_captions
 from csmcir.device import add_device_argument
 from csmcir.errors import ConfigError, DataError
 from csmcir.evaluation.encode import DEFAULT_CACHE_DIR, load_model
+from csmcir.hub import MODEL, is_hub_name, resolve
 from csmcir.model.run_folder import model_folder
 from csmcir.outputs import GALLERY_INDEX, RECORD_KEY, claim, record
 from csmcir.retrieval.index import KINDS, GalleryIndex
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> int:
     build.add_argument(
         "--model",
         required=True,
-        help="exported model folder, a training run folder (its model/), or a preset (tiny)",
+        help="exported model folder, a training run folder (its model/), a preset (tiny), or a hub "
+        "name (org/name, fetched into the hub cache)",
     )
     build.add_argument(
         "--out",
@@ -99,8 +101,9 @@ def run_build(args: argparse.Namespace) -> GalleryIndex:
         images,
         captions,
         kind=args.kind,
-        # an untrained preset has no folder: the index then keeps the model in INDEX/model
-        model_dir=spec if Path(spec).is_dir() else None,
+        # an untrained preset has no folder: the index then keeps the model in INDEX/model; a
+        # hub name's is its snapshot in the hub cache
+        model_dir=spec if Path(spec).is_dir() else hub_folder(spec),
         empty_captions=args.empty_captions,
         batch_size=args.batch_size,
         cache_dir=None if args.no_cache else args.cache_dir,
@@ -140,3 +143,8 @@ def gallery_images(args: argparse.Namespace) -> tuple[dict[str, Path], list[str]
     return {g: split.image_path(g) for g in split.gallery}, [
         split.eval_text(q) for q in split.queries
     ]
+
+
+def hub_folder(spec: str) -> Path | None:
+    """The cached snapshot a hub name was loaded from (already fetched), else None."""
+    return resolve(spec, MODEL, "--model") if is_hub_name(spec) else None

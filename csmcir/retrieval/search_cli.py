@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--model",
         type=Path,
-        help="model folder or training run folder (its model/); default: the index's own",
+        help="model folder, training run folder (its model/) or hub name; default: the index's own",
     )
     parser.add_argument("--target", help="id of the true target, outlined in the grid")
     parser.add_argument(
