@@ -32,7 +32,9 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="exported model folder, BLIP-2 folder or hub name, or preset blip2-vitg"
     )
-    p.add_argument("--weights", type=Path, help="BLIP-2 weights folder or hub name for --model blip2-vitg")
+    p.add_argument(
+        "--weights", type=Path, help="BLIP-2 weights folder or hub name for --model blip2-vitg"
+    )
     p.add_argument("--benchmark", help="benchmark name (synthcir, cirr, fashioniq, ...)")
     p.add_argument("--root", type=Path, help="the benchmark's root folder")
     p.add_argument(
@@ -92,7 +94,9 @@ def gpu_defaults(args: argparse.Namespace, model_precision: str) -> dict[str, An
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", type=Path, help="a feature-cache folder")
     p.add_argument("--model", help="also check the cache is valid for this model")
-    p.add_argument("--weights", type=Path, help="BLIP-2 weights folder or hub name for --model blip2-vitg")
+    p.add_argument(
+        "--weights", type=Path, help="BLIP-2 weights folder or hub name for --model blip2-vitg"
+    )
 
 
 def load_model(name: str, weights: Path | None, options: dict[str, Any] | None = None):
