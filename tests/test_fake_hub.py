@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 
+import open_clip
 import pytest
 import torch
 from blip2_folder import make_blip2_folder, random_blip2
 from fake_hub import FakeHub, Repo
 from hub_layouts import bert_base_uncased_files, bert_vocab
+from safetensors.torch import load
+from safetensors.torch import save as safetensors_bytes
+from test_baseline_clip4cir import TINY_CLIP
 from test_captioning_hf import build_tiny_qwen2_vl
 from test_lavis_convert import to_lavis
 
@@ -52,11 +56,12 @@ def repos(tmp_path_factory) -> dict[str, Repo]:
     blip2, _ = make_blip2_folder(root / "blip2")
     bert = {k: v.encode() for k, v in bert_base_uncased_files().items()}
     mllm = build_tiny_qwen2_vl(root / "qwen")
-    clip = {
-        "open_clip_config.json": b"{}",
-        "open_clip_model.safetensors": b"s",
-        "open_clip_pytorch_model.bin": b"b",
-        "model.safetensors": b"hf",
+    torch.manual_seed(1)
+    clip = {  # a real tiny OpenCLIP, and the formats open_clip prefers less
+        "open_clip_config.json": json.dumps({"model_cfg": TINY_CLIP}).encode(),
+        "open_clip_model.safetensors": safetensors_bytes(open_clip.CLIP(**TINY_CLIP).state_dict()),
+        "open_clip_pytorch_model.bin": b"not to be fetched",
+        "model.safetensors": b"not to be fetched",
     }
     return {
         BLIP2: Repo.from_folder(blip2, extra=DECOYS),
@@ -95,8 +100,10 @@ def test_each_use_fetches_only_its_files(fake_hub, repos, tmp_path) -> None:
     wanted = set(repos[BLIP2].files) - set(DECOYS)
     assert fetched(fake_hub, BLIP2) == wanted and "model.safetensors" in wanted
     assert CSMCIR.from_pretrained(model).config.preset == "blip2-vitg"
-    hub.resolve(CLIP, hub.OPEN_CLIP, "--model.weights")
+    baseline = CSMCIR.from_preset("clip4cir-openclip", weights=f"hf-hub:{CLIP}")
     assert fetched(fake_hub, CLIP) == {"open_clip_config.json", "open_clip_model.safetensors"}
+    served = load(repos[CLIP].files["open_clip_model.safetensors"])
+    assert all(torch.equal(baseline.clip.state_dict()[k], v) for k, v in served.items())
     commit = repos[BERT].commit
     assert hub.resolve(f"{BERT}@{commit}", hub.TOKENIZER, "--tokenizer").name == commit
 
