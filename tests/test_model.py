@@ -90,6 +90,34 @@ def test_inputs_as_images_pixels_or_features_agree(model: CSMCIR, pixels: torch.
         model.encode_target(None, pixels)
 
 
+def test_image_text_similarity_pairs_images_with_texts(model: CSMCIR, pixels: torch.Tensor) -> None:
+    """Stage 1's scores: rows are images, columns texts, each image's text read alone."""
+    with torch.no_grad():
+        sim = model.image_text_similarity(TEXTS, pixels)
+        swapped = model.image_text_similarity(TEXTS[::-1], pixels.flip(0))
+        alone = model.image_text_similarity(TEXTS[1:2], pixels[2:3])
+    assert sim.shape == (3, 3)
+    torch.testing.assert_close(swapped, sim.flip(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0, 0], sim[2, 1], atol=1e-5, rtol=0)
+
+
+def test_image_text_training_learns_which_text_goes_with_which_image() -> None:
+    torch.manual_seed(0)
+    model = tiny().train()
+    pixels = model.preprocess(images(3))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    labels = torch.arange(3)
+    for _ in range(40):
+        logits = model.image_text_similarity(TEXTS, pixels) / 0.07
+        loss = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        sim = model.image_text_similarity(TEXTS, pixels)
+    assert torch.equal(sim.argmax(dim=1), labels) and torch.equal(sim.argmax(dim=0), labels)
+
+
 def test_similarity_known_values() -> None:
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     t = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])

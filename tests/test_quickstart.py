@@ -143,8 +143,8 @@ def test_quickstart_small(tmp_path, capsys, monkeypatch):
     for stage in range(1, 8):
         assert f"[{stage}/7]" in out
     table = out.split("Synthetic test split")[1]
-    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:8]}
-    assert list(rows) == ["trained", "untrained", "chance", "text-blind", "oracle"]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:9]}
+    assert list(rows) == ["trained", "stage-1", "untrained", "chance", "text-blind", "oracle"]
     assert rows["oracle"] == ["100.0"] * 8  # every text read right finds every target
     assert float(rows["text-blind"][0]) <= 50.0  # two queries per reference, one ranking
     by_type = out.split("by modification type")[1]

@@ -16,7 +16,7 @@ import torch
 
 from csmcir import cli as csmcir_cli
 from csmcir.data.registry import load_split
-from csmcir.errors import DataError
+from csmcir.errors import ConfigError, DataError
 from csmcir.model import CSMCIR
 from csmcir.packaged import config_file
 from csmcir.threads import LANES_ENV
@@ -218,6 +218,31 @@ def test_missing_captions_give_the_command_that_makes_them(
     assert not (run_dir / "logs").exists()
     assert csmcir_cli.main(fit_args(synthcir, None, tmp_path / "new")) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
+    synthcir: Path, captions: Path, tmp_path: Path
+):
+    stage_one = tmp_path / "stage1"
+    run(fit_args(synthcir, captions, stage_one, "--model.objective", "image_text"))
+    rows = read_metrics(stage_one)
+    assert sorted(series(rows, "train/image_text_loss")) == list(range(6))
+    assert not series(rows, "train/loss")
+    start = CSMCIR.from_pretrained(stage_one / "model")
+    cli = run(
+        fit_args(
+            synthcir,
+            captions,
+            tmp_path / "cir",
+            "--model.init_from",
+            str(start_dir := stage_one / "model"),
+        )
+    )
+    assert sorted(series(read_metrics(tmp_path / "cir"), "train/loss")) == list(range(6))
+    assert cli.model.model.tokenizer.get_vocab() == start.tokenizer.get_vocab()
+    assert str(start_dir) == cli.model.hparams.init_from
+    with pytest.raises(ConfigError, match=r"--model\.objective must be cir or image_text"):
+        CSMCIRModule(objective="itc")
 
 
 def test_fit_uses_every_core_alone_and_its_share_in_a_grid(

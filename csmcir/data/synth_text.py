@@ -9,6 +9,7 @@ state how many objects remain: see ``docs/synthcir.md`` for why remove queries n
 from __future__ import annotations
 
 import random
+import re
 
 from csmcir.data.synth_scenes import Cell, Modification, Obj, Scene
 
@@ -68,6 +69,15 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "the {obj} should go {to}",
     ),
 }
+
+
+def template_words() -> list[str]:
+    """The words modification texts are made of beyond the captions' (verbs, connectives,
+    counts, cells): each template without its placeholders. A tokenizer built from these and the
+    captions reads every modification text without having seen one (the tiny preset's stage-1
+    weights, docs/training.md)."""
+    bare = [re.sub(r"\{\w+\}", " ", t) for texts in TEMPLATES.values() for t in texts]
+    return [*bare, "in the", "to the", "object objects", *NUMBER_WORDS, *CELL_NAMES.values()]
 
 
 def object_phrase(obj: Obj) -> str:

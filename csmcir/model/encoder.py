@@ -76,6 +76,27 @@ class QFormerTower(nn.Module):
         ).last_hidden_state
         return F.normalize(self.text_projection(hidden[:, n]).float(), dim=-1)
 
+    def image_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-1 (image-text contrastive) embeddings: ``[B, n_queries, D]`` query-token outputs
+        of the image and ``[B, D]`` text-only [CLS] outputs of the text, BLIP-2's two ITC sides,
+        both through ``text_projection`` (the projection the fused pass reads, so that stage 1
+        trains only weights that CIR training goes on to use)."""
+        queries = self.query_tokens.expand(vision.shape[0], -1, -1)
+        image = self.qformer(
+            query_embeds=queries, query_length=self.num_queries, encoder_hidden_states=vision
+        ).last_hidden_state
+        text = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+        ).last_hidden_state[:, 0]
+        project = self.text_projection
+        return F.normalize(project(image).float(), dim=-1), F.normalize(
+            project(text).float(), dim=-1
+        )
+
     def unused_parameters(self, fused: bool, image_only: bool) -> list[nn.Parameter]:
         """Weights that none of the passes this tower runs will read.
 
@@ -353,6 +374,22 @@ class CSMCIR(nn.Module):
         if texts is None:
             raise ValueError("this model reads target captions (target_text='caption'): pass texts")
         return self._fused(tower, texts, vision)
+
+    def image_text_similarity(
+        self,
+        texts: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, B]`` stage-1 similarities of images (rows) to texts (columns): each pair's
+        best-matching query token, as BLIP-2's image-text contrastive loss scores them."""
+        vision = self._vision(pixel_values, vision_features, None)
+        tokens = self.tokenize(texts)
+        with self._autocast():
+            image, text = self.tower.image_text(
+                tokens["input_ids"], tokens["attention_mask"], vision
+            )
+        return torch.einsum("iqd,jd->ijq", image, text).amax(dim=-1)
 
     def _fused(
         self, tower: QFormerTower, texts: Sequence[str], vision: torch.Tensor

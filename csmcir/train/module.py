@@ -16,7 +16,7 @@ import inspect
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import numpy as np
@@ -32,6 +32,8 @@ from csmcir.train.loss import Temperature, info_nce, prediction_entropy
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
 from csmcir.train.schedule import warmup_cosine_scheduler
 from csmcir.train.validation import summarise
+
+Objective = Literal["cir", "image_text"]
 
 
 class NegativeSource(Protocol):
@@ -116,6 +118,10 @@ class CSMCIRModule(L.LightningModule):
             batch as a negative.
         bank: the memory bank of hard negatives (docs/memory_bank.md); off unless
             ``enabled: true``.
+        objective: ``cir`` (queries against targets) or ``image_text``: a stage-1 run that
+            trains BLIP-2's image-text contrastive loss on the batch's target images and their
+            captions alone (no modification text, no reference image), whose exported model a
+            CIR run starts from with ``init_from`` (docs/training.md).
     """
 
     def __init__(
@@ -135,8 +141,11 @@ class CSMCIRModule(L.LightningModule):
         temperature_range: tuple[float, float] = (0.01, 0.5),
         mask_duplicate_targets: bool = True,
         bank: MemoryBankConfig | None = None,
+        objective: Objective = "cir",
     ) -> None:
         super().__init__()
+        if objective not in ("cir", "image_text"):
+            raise ConfigError(f"--model.objective must be cir or image_text, got {objective!r}")
         if lr <= 0:
             raise ConfigError(f"--model.lr must be positive, got {lr}")
         if warmup_steps < 0:
@@ -166,6 +175,7 @@ class CSMCIRModule(L.LightningModule):
                 # a dict, not the dataclass: checkpoints load with weights_only=True
                 "bank": dataclasses.asdict(bank) if isinstance(bank, MemoryBankConfig) else bank,
                 "mask_duplicate_targets": mask_duplicate_targets,
+                "objective": objective,
             }
         )
         self.model = None  # built in setup() or from a checkpoint
@@ -265,6 +275,8 @@ class CSMCIRModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         model, image = self.model, self._datamodule().model_input
+        if self.hparams.get("objective") == "image_text":
+            return self._image_text_step(batch, image)
         queries = model.encode_query(batch["text"], **self._references(batch, image))
         targets = model.encode_target(batch["target_caption"], **{image: batch["target_image"]})
         all_targets, all_keys, offset = self._gather_targets(targets, batch["target_key"])
@@ -281,6 +293,28 @@ class CSMCIRModule(L.LightningModule):
         self.log("train/temperature", tau.detach(), batch_size=batch_size)
         self.log("train/entropy", prediction_entropy(similarities, tau), batch_size=batch_size)
         self.log("train/candidates", float(similarities.shape[1]), batch_size=batch_size)
+        return loss
+
+    def _image_text_step(self, batch: dict[str, Any], image: str) -> Tensor:
+        """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions.
+        A target that occurs twice in the batch is not its own copy's negative."""
+        if batch["target_caption"][0] is None:
+            raise ConfigError(
+                "--model.objective image_text needs target captions (--data.captions)"
+            )
+        similarities = self.model.image_text_similarity(
+            batch["target_caption"], **{image: batch["target_image"]}
+        )
+        keys = batch["target_key"]
+        ignore = keys[None, :] == keys[:, None]
+        tau = self.temperature()
+        loss = (
+            info_nce(similarities, tau, ignore_mask=ignore)
+            + info_nce(similarities.T, tau, ignore_mask=ignore)
+        ) / 2
+        batch_size = similarities.shape[0]
+        self.log("train/image_text_loss", loss, batch_size=batch_size)
+        self.log("train/temperature", tau.detach(), batch_size=batch_size)
         return loss
 
     def _references(self, batch: dict[str, Any], image: str) -> dict[str, Tensor]:
