@@ -8,13 +8,13 @@ recorded and the next one runs):
    and new data paths, profiled, TFLOP/s and MFU (``bench.bench_cached_step``);
 3. ``loader``: the feature loader against the host's memory-copy limit, fit's prefetch thread
    included (``bench.bench_feature_loader``);
-4. ``extraction``: ViT-g feature extraction in bf16, batch 64-256, sdpa and eager attention,
-   with and without ``torch.compile``, decoding and ``extract_features`` end to end
+4. ``quickstart``: ``csmcir quickstart --device cuda`` once, recalls and time
+   (``bench.bench_quickstart``);
+5. ``extraction``: ViT-g feature extraction in bf16, batch 64-256, sdpa and eager attention,
+   decoding and ``extract_features`` end to end, then with ``torch.compile``
    (``bench.bench_extraction``);
-5. ``rehearsal``: the FashionIQ-shaped rehearsal, real annotation files, the whole ``fit``
-   path with the bank (``bench.fiq_rehearsal``); skipped where the annotations are not found;
-6. ``quickstart``: ``csmcir quickstart --device cuda`` once, recalls and time
-   (``bench.bench_quickstart``).
+6. ``rehearsal``: the FashionIQ-shaped rehearsal, real annotation files, the whole ``fit``
+   path with the bank (``bench.fiq_rehearsal``); skipped where the annotations are not found.
 
 Each stage writes its own ``*_cuda`` section of BENCHMARKS.md naming the card; the suite adds
 ``gpu_suite_cuda``: the card, its bf16 peak and where the figure comes from, every stage's
@@ -72,7 +72,7 @@ def stages(json_dir: Path) -> list[Stage]:
             "tests",
             ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
             ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
-            120,
+            100,
         ),
         Stage(
             "cached_step",
@@ -116,7 +116,7 @@ def stages(json_dir: Path) -> list[Stage]:
                 "--json",
                 str(step),
             ],
-            100,
+            90,
         ),
         Stage(
             "loader",
@@ -142,7 +142,23 @@ def stages(json_dir: Path) -> list[Stage]:
                 "--section",
                 "feature_loader_cuda",
             ],
-            40,
+            30,
+        ),
+        Stage(
+            "quickstart",
+            ["bench.bench_quickstart", "--seeds", "0", "--device", "cuda"],
+            [
+                "bench.bench_quickstart",
+                "--seeds",
+                "0",
+                "--device",
+                "cpu",
+                "--size",
+                "small",
+                "--steps",
+                "4",
+            ],
+            80,
         ),
         Stage(
             "extraction",
@@ -165,7 +181,7 @@ def stages(json_dir: Path) -> list[Stage]:
                 "--compile-backend",
                 "eager",
             ],
-            130,
+            150,
         ),
         Stage(
             "rehearsal",
@@ -192,22 +208,6 @@ def stages(json_dir: Path) -> list[Stage]:
                 str(rehearsal),
             ],
             150,
-        ),
-        Stage(
-            "quickstart",
-            ["bench.bench_quickstart", "--seeds", "0", "--device", "cuda"],
-            [
-                "bench.bench_quickstart",
-                "--seeds",
-                "0",
-                "--device",
-                "cpu",
-                "--size",
-                "small",
-                "--steps",
-                "4",
-            ],
-            100,
         ),
     ]
 

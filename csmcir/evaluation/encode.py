@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from csmcir.data.batches import BatchedImages, ImageSource
+from csmcir.data.prefetch import PrefetchLoader, loader_options
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.hub import MODEL, is_hub_name, resolve
 from csmcir.io import atomic_write_bytes
@@ -125,7 +126,9 @@ def encode_images(
 
     With ``features`` (an open ``csmcir.model.features.FeatureCache``) the frozen ViT's output
     is read from the cache by image id instead of running the ViT; an id it lacks is an error.
-    ``num_workers`` DataLoader workers read and decode ahead of the model (pinned for a GPU).
+    ``num_workers`` DataLoader workers decode images ahead of the model; a feature cache is read
+    by a thread ahead of it instead, as ``fit`` reads it
+    (:func:`~csmcir.data.prefetch.loader_options`); pinned for a GPU.
     """
     if texts is not None and len(texts) != len(paths):
         raise ValueError(f"{len(texts)} texts for {len(paths)} images")
@@ -141,13 +144,10 @@ def encode_images(
         images, keys = ImageSource(dict(enumerate(paths)), model.transform.one), range(len(paths))
         model_input = ImageSource.model_input
     items = EncodeItems(keys, texts, images)
-    loader = DataLoader(
-        items,
-        batch_size=batch_size,
-        collate_fn=items.collate,
-        num_workers=num_workers,
-        pin_memory=model.device.type == "cuda",
+    options = loader_options(
+        features=features is not None, num_workers=num_workers, on_cuda=model.device.type == "cuda"
     )
+    loader = PrefetchLoader(items, batch_size=batch_size, collate_fn=items.collate, **options)
     model.eval()
     chunks = []
     for batch in tqdm(loader, desc=desc, unit="batch"):
