@@ -20,6 +20,8 @@ from captioning.backends.base import Request
 from captioning.backends.hf import HFBackend
 from captioning.prompts import PromptSpec
 from csmcir import cli as csmcir_cli
+from csmcir.data.prefetch import Ahead, PrefetchLoader, loader_options
+from csmcir.model.features import extract_features
 from csmcir.train.datamodule import CIRDataModule
 from csmcir.train.export import model_from_checkpoint
 from csmcir.train.loss import info_nce
@@ -212,6 +214,45 @@ def test_eval_on_cuda_scores_like_the_cpu(synthcir, captions, tmp_path) -> None:
     queries = 16
     for key, value in results["cpu"].items():  # at most one query's rank may flip on a near-tie
         assert abs(results["cuda"][key] - value) <= 100 / queries + 1e-6, key
+
+
+def test_the_prefetch_thread_hands_over_pinned_batches() -> None:
+    """What fit reads a feature cache with on a GPU: batches made a thread ahead, pinned there,
+    so the step's copy to the device does not block."""
+    features = torch.randn(12, 65, 64).half()
+    loader = PrefetchLoader(
+        features, batch_size=4, **loader_options(features=True, num_workers=4, on_cuda=True)
+    )
+    batches = iter(loader)
+    assert isinstance(batches, Ahead) and loader.num_workers == 0
+    got = list(batches)
+    assert all(b.is_pinned() for b in got)
+    assert torch.equal(torch.cat(got), features)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_extraction_on_the_gpu_matches_the_cpu(synthcir, tmp_path, precision: str) -> None:
+    """The pipelined extraction on CUDA (decoding workers, pinned non-blocking copies, the
+    shard-writer thread waiting on CUDA events) stores the CPU's rows: equal within TF32 and float16
+    rounding in fp32, close in bf16."""
+    from csmcir.data.registry import load_split
+
+    split = load_split("synthcir", synthcir, "val")
+    paths = {i: split.image_path(i) for i in split.referenced_images()}
+    caches = {}
+    for device, workers in (("cpu", 0), ("cuda", 2)):
+        model = tiny(freeze_vision=True, precision="fp32" if device == "cpu" else precision)
+        caches[device] = extract_features(
+            model.to(device), paths, tmp_path / device, batch_size=5, shard_size=7,
+            workers=workers, progress=False,
+        )  # fmt: skip
+    ids = list(paths)
+    assert caches["cuda"].ids() == ids
+    cpu, gpu = (caches[d].get(ids).float() for d in ("cpu", "cuda"))
+    if precision == "fp32":
+        torch.testing.assert_close(gpu, cpu, atol=1e-2, rtol=1e-2)  # TF32 convolution, fp16 rows
+    else:
+        assert F.cosine_similarity(gpu.flatten(1), cpu.flatten(1)).min() > 0.99
 
 
 @pytest.fixture(scope="module")
