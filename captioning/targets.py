@@ -35,7 +35,9 @@ def gallery_images(
     images: dict[str, Path] = {}
     dropped: dict[str, None] = {}
     for name in splits:
-        loaded = registry.load_split(benchmark, root, name, drop_missing=drop_missing, **options)
+        loaded = registry.load_split(  # captions need images, not queries
+            benchmark, root, name, drop_missing=drop_missing, require_queries=False, **options
+        )
         wanted = loaded.gallery
         if train_targets_only and name == TRAIN_SPLIT:
             wanted = list(dict.fromkeys(q.target for q in loaded.queries if q.target is not None))

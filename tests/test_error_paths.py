@@ -312,3 +312,21 @@ def test_dropping_every_query_is_refused_not_an_empty_split(tiny_synth, tmp_path
     shutil.rmtree(root / "test")  # every test image
     with pytest.raises(DataError, match="every one of its 4 queries uses one: dropping them"):
         load_split("synthcir", root, "test", drop_missing=True)
+
+
+def test_captioning_all_splits_takes_the_images_of_a_split_whose_queries_are_all_dropped(
+    tiny_synth, tmp_path
+):
+    """Captions need images, not queries: --split all with one split's images gone captions the
+    others (the rehearsal's FashionIQ has images for train and val only)."""
+    from captioning.targets import gallery_images
+    from csmcir.data.registry import load_split
+
+    root = tmp_path / "synthcir"
+    shutil.copytree(tiny_synth, root)
+    shutil.rmtree(root / "test")
+    images, dropped = gallery_images("synthcir", root, "all", drop_missing=True)
+    for split in ("train", "val"):
+        assert set(load_split("synthcir", root, split).gallery) <= set(images)
+    test_gallery = load_split("synthcir", tiny_synth, "test").gallery
+    assert not set(test_gallery) & set(images) and set(test_gallery) <= set(dropped)

@@ -134,8 +134,14 @@ def apply_missing_policy(
     drop_missing: bool = False,
     dropped_report: str | Path | None = None,
     progress: bool = True,
+    require_queries: bool = True,
 ) -> CIRSplit:
-    """Error on missing images, or drop them (and their queries) when explicitly asked."""
+    """Error on missing images, or drop them (and their queries) when explicitly asked.
+
+    ``require_queries=False`` is for readers of the gallery alone (captioning): a split whose
+    every query is dropped still lends its remaining images, where training or evaluation on it
+    would have nothing to do and is refused.
+    """
     missing = missing_images(split, progress=progress)
     if not missing:
         if dropped_report is not None:
@@ -149,7 +155,8 @@ def apply_missing_policy(
         )
     paths = {i: split.image_paths.get(i) for i in missing}
     new, dropped_queries = drop_images(split, missing)
-    if not new.queries:  # an empty split is an error, as read_split says for empty annotations
+    # an empty split is an error, as read_split says for empty annotations
+    if require_queries and not new.queries:
         raise DataError(
             describe_missing(split, missing)
             + f", and every one of its {len(split.queries)} queries uses one: dropping them "

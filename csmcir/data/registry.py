@@ -93,13 +93,20 @@ def load_split(
     *,
     drop_missing: bool = False,
     dropped_report: Path | None = None,
+    require_queries: bool = True,
     **options,
 ) -> CIRSplit:
     """Read a benchmark split and make sure every image it refers to exists.
 
     A missing image is a DataError naming the first ones; ``drop_missing=True`` drops them and
     the queries that use them, lists them in ``CIRSplit.dropped`` and, with ``dropped_report``,
-    writes them to that JSON file.
+    writes them to that JSON file. Dropping every query is an error unless ``require_queries``
+    is False (a reader of the gallery alone).
     """
     split_obj = read_split(benchmark, root, split, **options)
-    return apply_missing_policy(split_obj, drop_missing=drop_missing, dropped_report=dropped_report)
+    return apply_missing_policy(
+        split_obj,
+        drop_missing=drop_missing,
+        dropped_report=dropped_report,
+        require_queries=require_queries,
+    )
