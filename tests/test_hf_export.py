@@ -141,6 +141,23 @@ def test_the_documented_processor_usage_runs_and_gives_the_model_embeddings(tmp_
     assert (ours - theirs).abs().max() <= 1e-6
 
 
+def test_a_model_that_has_cut_texts_exports_a_processor_that_cuts_as_it_does(tmp_path, capsys):
+    """Tokenizing with truncation (as training does) leaves ``max_length`` in the saved
+    tokenizer, and Blip2Processor takes its query tokens out of that: a trained quickstart
+    model's export cut long texts 8 tokens short, and its check refused the folder (2.2e-02)."""
+    model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
+    long_text = "make the circle blue " * 40
+    model.tokenize([long_text])
+    folder = model.save_pretrained(tmp_path / "tiny")
+    export(folder, tmp_path / "hf", capsys)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    n = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf").config.num_query_tokens
+    inputs = processor(images=images(1), text=[long_text], truncation=True, return_tensors="pt")
+    ours = CSMCIR.from_pretrained(folder).tokenize([long_text])["input_ids"]
+    assert ours.shape[1] == model.config.max_text_length
+    assert torch.equal(inputs["input_ids"][:, n:], ours)
+
+
 def test_a_run_folder_exports_its_final_model(tmp_path, capsys) -> None:
     model = CSMCIR.from_preset("tiny", tokenizer_corpus=CORPUS, seed=0)
     model.save_pretrained(tmp_path / "run" / "model")

@@ -77,6 +77,9 @@ def export_hf(model: CSMCIR, folder: str | Path, card: str | None = None) -> HFE
     state = {k.removeprefix("tower."): v for k, v in model.state_dict().items()}
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.model_max_length = model.config.max_text_length
+    # A tokenizer that has cut texts saves that max_length with itself, and Blip2Processor
+    # takes its <image> ids out of it: texts would be cut num_query_tokens short of csmcir's.
+    tokenizer.init_kwargs.pop("max_length", None)
     folder = Path(folder)
     kept = write_retrieval_folder(
         blip2_config(model.config),
