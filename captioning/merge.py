@@ -78,7 +78,11 @@ def merge_folder(folder: str | Path, out: str | Path, allow_partial: bool = Fals
         out,
         CAPTION_FILE,
         flag="--out",
-        reads={"the shard folder": folder},
+        reads={
+            "the shard folder": folder,
+            f"its caption run's {MANIFEST}": manifest_path,
+            **{f"the shard {shard.name} being merged": shard for shard in shards},
+        },
         identity=made,
         other_identity="refuse",
     )

@@ -156,6 +156,8 @@ def describe(path: Path, found: dict[str, Any] | None) -> str:
         return f"a folder of files csmcir did not write ({shown}), a dataset or someone's work"
     if path.suffix.lower() == ".json":
         data = _json(path)
+        if _is_image_list(data):
+            return "a JSON map of image ids to image files (a dataset's image list)"
         if (
             isinstance(data, dict)
             and data
@@ -168,6 +170,21 @@ def describe(path: Path, found: dict[str, Any] | None) -> str:
         if data is not None:
             return f"a JSON {type(data).__name__} csmcir did not write (an annotation file?)"
     return "a file csmcir did not write"
+
+
+def _is_image_list(data: Any) -> bool:
+    """Whether ``data`` maps ids to image file names (CIRR's and synthcir's ``image_splits``),
+    which a plain caption file (id -> text) otherwise looks like."""
+    from PIL import Image
+
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(
+            isinstance(v, str) and Path(v).suffix.lower() in Image.registered_extensions()
+            for v in data.values()
+        )
+    )
 
 
 def same_file(a: Path, b: Path) -> bool:

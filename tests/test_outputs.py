@@ -76,9 +76,17 @@ def test_merge_never_writes_over_an_annotation_file_or_its_inputs(twins, tmp_pat
     err = capsys.readouterr().err
     assert f"--out {annotations} holds a JSON list csmcir did not write" in err
     assert "Give --out a new file" in err and annotations.read_bytes() == before
+    image_list = a / "image_splits" / "split.rc2.val.json"  # id -> file, like a caption map
+    assert caption("merge", a / "shards", "--out", image_list) == 2
+    err = capsys.readouterr().err
+    assert f"--out {image_list} holds a JSON map of image ids to image files" in err
     run_json = a / "shards" / "run.json"
     assert caption("merge", a / "shards", "--out", run_json) == 2
-    assert "csmcir did not write" in capsys.readouterr().err
+    assert "is also its caption run's run.json: writing" in capsys.readouterr().err
+    (shard,) = (a / "shards").glob("shard-*.jsonl")
+    assert caption("merge", a / "shards", "--out", shard) == 2
+    err = capsys.readouterr().err
+    assert f"is also the shard {shard.name} being merged: writing the caption file" in err
     assert caption("merge", a / "shards", "--out", a / "shards") == 2
     err = capsys.readouterr().err
     assert "is also the shard folder: writing the caption file there would destroy it" in err
