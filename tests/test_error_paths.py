@@ -217,7 +217,9 @@ def test_an_empty_split_is_one_error_in_check_fit_and_eval(empty_val, tmp_path, 
     argv += ["1", "--trainer.default_root_dir", str(tmp_path / "run"), "--data.captions"]
     assert csmcir_main([*argv, str(tmp_path / "none.json")]) == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert said in line and "csmcir data synth --out" in line
+    # the command regenerates the benchmark as it was made, not one of the default size
+    again = f"csmcir data synth --out {empty_val} --train-refs 4 --val-refs 4 --test-refs 2 "
+    assert said in line and f"{again}--overwrite regenerates it" in line
 
 
 def test_eval_advice_for_a_split_without_answers_is_true_for_its_benchmark():

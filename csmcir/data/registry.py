@@ -77,7 +77,9 @@ def read_split(benchmark: str, root: str | Path, split: str, **options) -> CIRSp
     if not data.queries:  # else "ok" in data check, a shape error in fit, wrong advice in eval
         regenerate = ""
         if benchmark == "synthcir":
-            regenerate = f"; csmcir data synth --out {root} --overwrite regenerates it"
+            from csmcir.data.synth import regenerate_command
+
+            regenerate = f"; {regenerate_command(root)} regenerates it"
         raise DataError(
             f"{data.benchmark}/{data.split}: the annotation files under {root} hold no queries (an "
             "empty list), so there is nothing to train on or evaluate. Restore them "

@@ -188,6 +188,18 @@ def recorded_config(out: str | Path) -> SynthConfig | None:
         raise DataError(f"{path}: not the settings of this generator ({e})") from None
 
 
+def regenerate_command(out: str | Path) -> str:
+    """The ``csmcir data synth`` line that makes the benchmark in ``out`` again with the
+    settings it records (the flags that differ from the defaults), in place."""
+    config, default = recorded_config(out) or SynthConfig(), SynthConfig()
+    flags = [
+        f"--{field.name.replace('_', '-')} {getattr(config, field.name)}"
+        for field in dataclasses.fields(config)
+        if getattr(config, field.name) != getattr(default, field.name)
+    ]
+    return " ".join(["csmcir data synth --out", str(out), *flags, "--overwrite"])
+
+
 def is_complete(out: str | Path) -> bool:
     """Whether a generation finished there (its last file, ``scenes.json``, exists)."""
     return (Path(out) / SCENES_FILE).is_file()
