@@ -27,7 +27,7 @@ from blip2_folder import make_blip2_folder
 from conftest import SHARED_BENCHMARKS
 from PIL import Image
 from placeholder_data import link, placeholder_pngs, write_images
-from transformers import Blip2ForImageTextRetrieval
+from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
 from captioning.backends.openai import image_data_url
 from captioning.fake_server import FakeChatServer, image_fingerprint
@@ -217,10 +217,15 @@ def test_rehearsal_from_a_hub_folder_to_transformers(shared, tmp_path, capsys, o
     trained.eval()
     images = [test1.image_path(i) for i in test1.gallery[:4]]
     texts = [test_caps[i] for i in test1.gallery[:4]]
-    pixels = trained.preprocess([Image.open(p) for p in images])
-    tokens = trained.tokenize(texts)
+    pictures = [Image.open(p) for p in images]
+    # the documented usage: the folder's own processor (it prepends the <image> ids the model
+    # strips), images and texts together
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    inputs = processor(
+        images=pictures, text=texts, padding=True, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
-        ours = trained.encode_target(texts, pixels)
-        itm = exported(pixels, use_image_text_matching_head=True, **tokens)
+        ours = trained.encode_target(texts, trained.preprocess(pictures))
+        itm = exported(**inputs, use_image_text_matching_head=True)
         h = itm.text_model_output.last_hidden_state[:, exported.config.num_query_tokens]
     assert (ours - F.normalize(exported.text_projection(h), dim=-1)).abs().max() <= 1e-6
