@@ -247,7 +247,11 @@ def claim(
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """``model A (now B), ...``: what the old output was made from that this one is not."""
+    """``model A (now B), ...``: what the old output was made from that this one is not,
+    a key only one side names included (``none`` on the other)."""
+    keys = [*new, *(k for k in old if k not in new)]
     return ", ".join(
-        f"{k} {old.get(k)} (now {new.get(k)})" for k in new if old.get(k) != new.get(k)
+        f"{k} {old.get(k, 'none')} (now {new.get(k, 'none')})"
+        for k in keys
+        if old.get(k) != new.get(k)
     )

@@ -213,6 +213,17 @@ def test_claim_allows_new_paths_and_refuses_the_wrong_sort_of_path(tmp_path):
         claim(tmp_path / "empty", CAPTION_FILE, flag="--out")
 
 
+def test_a_refusal_names_what_differs_even_a_key_only_the_old_output_had(tmp_path):
+    """An identity that lost a key read "holds the caption file of ; it is left as it is"."""
+    from csmcir.outputs import EVAL_RESULTS, RECORD_KEY, claim, record
+
+    path = tmp_path / "results.json"
+    old = {"model": "m", "captions": "c1"}
+    path.write_text(json.dumps({RECORD_KEY: record(EVAL_RESULTS, "eval", old)}))
+    with pytest.raises(ConfigError, match=r"holds the results file of captions c1 \(now none\);"):
+        claim(path, EVAL_RESULTS, flag="--out", identity={"model": "m"}, other_identity="refuse")
+
+
 # -- index build and search ----------------------------------------------------------------
 
 
