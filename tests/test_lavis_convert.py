@@ -331,3 +331,8 @@ def test_broken_checkpoints_get_one_message_naming_the_file(lavis, tmp_path, cap
     err = capsys.readouterr().err
     assert f"{tmp_path / 'random.pth'} is not a PyTorch checkpoint" in err
     assert "weights_only=False" not in err and "weights_only` set to `False`" not in err
+    torch.save({"model": sd, "hook": print}, tmp_path / "pickled.pth")  # a Python object
+    assert convert(tmp_path / "pickled.pth", bert, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'pickled.pth'}: it holds a pickled Python object of type" in err
+    assert "weights_only=False" not in err and not (tmp_path / "out").exists()

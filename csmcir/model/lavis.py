@@ -26,7 +26,7 @@ from transformers import Blip2Config, PreTrainedTokenizerBase
 
 from csmcir.errors import ConfigError, DataError
 from csmcir.hub import TOKENIZER, VISION, local_copy_command, resolve
-from csmcir.io import atomic_write_json, read_json
+from csmcir.io import atomic_write_json, read_json, torch_load_failure
 from csmcir.model.blip2 import a_few, image_processor, read_tensors, write_retrieval_folder
 from csmcir.model.config import CLIP_MEAN, CLIP_STD, ImageConfig
 from csmcir.model.registry import CONFIG_FILE
@@ -170,19 +170,18 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 
 
 def unreadable(path: Path, error: Exception) -> str:
-    """Why ``path`` is not a checkpoint csmcir reads, in our words: torch's own message advises
-    ``weights_only=False``, which would let the file run code, and no csmcir flag does that."""
-    found = re.search(r"GLOBAL (\S+)", str(error))
-    if found:
+    """Why ``path`` is not a checkpoint csmcir reads, in our words (``io.torch_load_failure``):
+    torch's own message advises ``weights_only=False``, which would let the file run code."""
+    reason, pickled = torch_load_failure(error)
+    if pickled:
         return (
-            f"{path} holds a Python object of type {found[1]} beside its tensors. csmcir reads "
-            "checkpoints with torch.load(weights_only=True), which unpickles only tensors and "
-            "plain containers, so that a file cannot run code. If you trust its source, re-save "
-            "its state dict alone (a dict of tensors) and convert that"
+            f"{path}: {reason}. csmcir reads checkpoints with torch.load(weights_only=True), "
+            "which unpickles only tensors and plain containers, so that a file cannot run code. "
+            "If you trust its source, re-save its state dict alone (a dict of tensors) and "
+            "convert that"
         )
     if zipfile.is_zipfile(path):
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"{path} is a torch.save archive that cannot be read: {detail}"
+        return f"{path} is a torch.save archive that cannot be read: {reason}"
     return (
         f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy "
         "pickle format): a truncated download, or another kind of file. Fetch it again"
