@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csmcir.errors import DataError
+from csmcir.packaged import packaged_model
 
 PREFIX = "hf-hub:"  # open_clip's spelling of a hub name
 HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[\w])(?:@(?P<revision>[\w./-]+))?")
@@ -174,10 +175,13 @@ def resolve(name: str | Path, use: Use, flag: str) -> Path:
     """The local folder (or file) ``name`` stands for, fetched from the hub when it is a repo.
 
     ``flag`` names the argument in messages (``--model.weights``). A path that exists is
-    returned as it is; a name that is neither a path nor ``org/name`` is returned as a path,
-    for the caller's own "not found". Raises :class:`HubError` when the repo cannot be had.
+    returned as it is, then a model the package ships (``synthcir-tiny-stage1``:
+    :mod:`csmcir.packaged`); a name that is none of these nor ``org/name`` is returned as a
+    path, for the caller's own "not found". Raises :class:`HubError` when the repo cannot be had.
     """
     path = Path(str(name))
+    if not path.exists() and (shipped := packaged_model(str(name))) is not None:
+        return shipped
     parsed = None if path.exists() else hub_name(name)
     if parsed is None:
         return path

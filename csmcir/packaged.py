@@ -1,10 +1,12 @@
-"""Files that ship inside the package: the fit and ablation configs (``csmcir/configs/``).
+"""Files that ship inside the package: the fit and ablation configs (``csmcir/configs/``) and the
+small pretrained models (``csmcir/pretrained/``).
 
 They are read through :mod:`importlib.resources`, so a wheel install (``pip install csmcir``,
 ``pip install .``) finds them as a source checkout does, from any working directory. A config is
 named by a path to a YAML file, or by its packaged name: its path under ``csmcir/configs/``
 without ``.yaml`` (``synthcir``, ``cirr``, ``ablation/synthcir``), as open_clip names its model
-configs.
+configs. A shipped model is named by its folder's name (``synthcir-tiny-stage1``) wherever a
+model folder or hub name is taken.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from csmcir.errors import ConfigError
 
 CONFIGS = "configs"
+PRETRAINED = "pretrained"
 SUFFIX = ".yaml"
 
 # Where a packaged file is not on disk already (a zipped install), as_file extracts it to a
@@ -68,3 +71,18 @@ def config_file(given: str | Path, flag: str = "--config") -> Path:
         f"{flag} {given}: no such file, and no packaged config of that name (packaged: "
         f"{', '.join(config_names())}; a file path works too)"
     )
+
+
+def pretrained_names() -> list[str]:
+    """The shipped models' names, sorted."""
+    root = files("csmcir") / PRETRAINED
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+
+
+def packaged_model(name: str) -> Path | None:
+    """The folder of the shipped model ``name``, or None when none has it. Models are folders,
+    so they are read where the package lies on disk (every pip install; not a zip import)."""
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        return None
+    entry = files("csmcir") / PRETRAINED / name
+    return entry if isinstance(entry, Path) and entry.is_dir() else None

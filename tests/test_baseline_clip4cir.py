@@ -153,6 +153,18 @@ def test_targets_ignore_text_and_queries_read_it(model: CLIP4Cir, pixels: torch.
     torch.testing.assert_close(q[1], other[1])  # the middle text did not move
 
 
+def test_image_text_similarity_is_clips_cosine(model: CLIP4Cir, pixels: torch.Tensor) -> None:
+    """The baseline's stage 1 scores each image against each text by CLIP's own cosine."""
+    with torch.no_grad():
+        sim = model.image_text_similarity(TEXTS, pixels)
+        image = F.normalize(model.clip.encode_image(pixels), dim=-1)
+        text = F.normalize(model.clip.encode_text(model.tokenize(TEXTS)), dim=-1)
+        swapped = model.image_text_similarity(TEXTS[::-1], pixels.flip(0))
+    assert sim.shape == (3, 3)
+    torch.testing.assert_close(sim, image @ text.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(swapped, sim.flip(0, 1), atol=1e-6, rtol=0)
+
+
 def test_long_texts_keep_the_pooled_end_token(model: CLIP4Cir) -> None:
     tokens = model.tokenize([" ".join(["circle"] * 100), "red"])
     assert tokens.shape == (2, model.config.context_length)

@@ -14,7 +14,8 @@ import yaml
 from csmcir.ablation.config import load_config
 from csmcir.cli import main as csmcir_main
 from csmcir.errors import ConfigError
-from csmcir.packaged import config_file, config_names
+from csmcir.hub import MODEL, resolve
+from csmcir.packaged import config_file, config_names, packaged_model, pretrained_names
 from csmcir.train.cli import with_config_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +117,15 @@ def test_fit_refuses_an_unknown_config_in_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("csmcir fit: error: --config synthcirr: no such file")
     assert "Traceback" not in err
+
+
+def test_shipped_models_resolve_by_name_from_any_folder_and_a_path_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(p.name for p in (PACKAGE / "pretrained").iterdir() if p.is_dir())
+    assert pretrained_names() == shipped and "synthcir-tiny-stage1" in shipped
+    for name in shipped:
+        assert resolve(name, MODEL, "--model") == PACKAGE / "pretrained" / name
+    for name in ("nope", "pretrained/synthcir-tiny-stage1", "..", "", "../configs"):
+        assert packaged_model(name) is None
+    Path("synthcir-tiny-stage1").mkdir()  # a folder of that name here is the user's own
+    assert resolve("synthcir-tiny-stage1", MODEL, "--model") == Path("synthcir-tiny-stage1")

@@ -8,28 +8,43 @@ import pytest
 
 from csmcir.errors import DataError
 from csmcir.model import CSMCIR
-from csmcir.train.stage_one import RECIPE, SHIPPED, WEIGHTS, make, sha256, shipped_record
+from csmcir.train.stage_one import (
+    NAMES,
+    PRETRAINED,
+    RECIPE,
+    SHIPPED,
+    WEIGHTS,
+    make,
+    sha256,
+    shipped_record,
+)
 
 
-def test_stage_one_regenerates_bit_for_bit(tmp_path: Path):
+@pytest.mark.parametrize("preset", ["tiny", "clip4cir-tiny"])
+def test_stage_one_regenerates_bit_for_bit(preset: str, tmp_path: Path):
     recipe = {**RECIPE, "steps": 2, "batch_size": 8}
     sizes = {"train_refs": 12, "val_refs": 4, "test_refs": 4}
-    first = make(tmp_path / "a", tmp_path / "work_a", recipe, sizes)
-    second = make(tmp_path / "b", tmp_path / "work_b", recipe, sizes)
+    first = make(tmp_path / "a", tmp_path / "work_a", recipe, sizes, preset)
+    second = make(tmp_path / "b", tmp_path / "work_b", recipe, sizes, preset)
     assert first["sha256"] == second["sha256"] == sha256(tmp_path / "a" / WEIGHTS)
-    assert first["sizes"] == sizes and first["recipe"] == recipe
+    assert first["sizes"] == sizes and first["recipe"] == recipe and first["preset"] == preset
     assert first["sha256"] != sha256(tmp_path / "work_a" / "start" / WEIGHTS)  # it trained
+    model = CSMCIR.from_pretrained(tmp_path / "a")
+    assert model.config.preset == preset
     # the vocabulary reads modification texts it never saw without unknown tokens
-    tokenizer = CSMCIR.from_pretrained(tmp_path / "a").tokenizer
-    ids = tokenizer("take away the small red square in the top left, leaving two objects")
-    assert tokenizer.unk_token_id not in ids["input_ids"]
+    wordpiece = model.tokenizer if preset == "tiny" else model.tokenizer.tokenizer
+    ids = wordpiece("take away the small red square in the top left, leaving two objects")
+    assert wordpiece.unk_token_id not in ids["input_ids"]
     assert shipped_record(tmp_path / "a") == first
     (tmp_path / "a" / WEIGHTS).write_bytes(b"not the weights")
     with pytest.raises(DataError, match="SHA-256 differs"):
         shipped_record(tmp_path / "a")
 
 
-def test_the_shipped_weights_are_the_ones_their_record_names():
-    record = shipped_record(SHIPPED)
-    assert record["recipe"] == RECIPE and record["sizes"] is None
-    assert CSMCIR.from_pretrained(SHIPPED).config.preset == "tiny"
+@pytest.mark.parametrize("preset", sorted(NAMES))
+def test_the_shipped_weights_are_the_ones_their_record_names(preset: str):
+    """Each preset's shipped weights match their record and load by their name alone."""
+    record = shipped_record(PRETRAINED / NAMES[preset])
+    assert record["recipe"] == RECIPE and record["sizes"] is None and record["preset"] == preset
+    assert CSMCIR.from_pretrained(NAMES[preset]).config.preset == preset
+    assert PRETRAINED / NAMES["tiny"] == SHIPPED  # the quickstart's start

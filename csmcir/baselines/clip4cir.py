@@ -253,6 +253,18 @@ class CLIP4Cir(nn.Module):
         """``[B, D]`` L2-normalised CLIP image features; ``texts`` are not read (image-only)."""
         return self._image(pixel_values, vision_features, images)
 
+    def image_text_similarity(
+        self,
+        texts: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, B]`` cosine similarities of images (rows) to texts (columns): CLIP's own
+        contrastive pretraining, the baseline's stage 1 (``--model.objective image_text``)."""
+        image = self._image(pixel_values, vision_features, None)
+        text = F.normalize(self.text_features(texts), dim=-1)
+        return image @ text.T
+
     def mixing_weights(
         self,
         texts: Sequence[str],

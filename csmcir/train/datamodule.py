@@ -244,9 +244,11 @@ class CIRDataModule(L.LightningDataModule):
             texts += [self.captions[t] for t in sorted(targets) if t in self.captions]
         return texts
 
-    def attach(self, model) -> None:
-        """Take the model's preprocessing (or check its features); check the captions it reads."""
-        needs_captions = model.config.target_text == "caption"
+    def attach(self, model, target_captions: bool = False) -> None:
+        """Take the model's preprocessing (or check its features); check the captions it reads.
+        ``target_captions``: batches carry them even to a model whose targets are images alone
+        (a stage-1 image-text run of the baseline)."""
+        needs_captions = target_captions or model.config.target_text == "caption"
         if needs_captions:
             self.require_captions()
         if self.features is not None and not model.config.freeze_vision:

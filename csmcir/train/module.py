@@ -119,9 +119,10 @@ class CSMCIRModule(L.LightningModule):
         bank: the memory bank of hard negatives (docs/memory_bank.md); off unless
             ``enabled: true``.
         objective: ``cir`` (queries against targets) or ``image_text``: a stage-1 run that
-            trains BLIP-2's image-text contrastive loss on the batch's target images and their
-            captions alone (no modification text, no reference image), whose exported model a
-            CIR run starts from with ``init_from`` (docs/training.md).
+            trains an image-text contrastive loss on the batch's target images and their
+            captions alone (no modification text, no reference image): BLIP-2's for CSMCIR,
+            CLIP's for the CLIP4Cir baseline. A CIR run starts from its exported model with
+            ``init_from`` (docs/training.md).
     """
 
     def __init__(
@@ -192,12 +193,13 @@ class CSMCIRModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self._datamodule()
+        stage_one = self.hparams.get("objective") == "image_text"  # reads captions, any model
         if self.model is None:
-            if self._expected_target_text() == "caption":
+            if stage_one or self._expected_target_text() == "caption":
                 datamodule.require_captions()  # before the (possibly slow) model build
             self.model = self._build_model(datamodule)
         self._build_bank()
-        datamodule.attach(self.model)
+        datamodule.attach(self.model, target_captions=stage_one)
         if stage == "fit":
             self._check_precision()
 
@@ -298,10 +300,6 @@ class CSMCIRModule(L.LightningModule):
     def _image_text_step(self, batch: dict[str, Any], image: str) -> Tensor:
         """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions.
         A target that occurs twice in the batch is not its own copy's negative."""
-        if batch["target_caption"][0] is None:
-            raise ConfigError(
-                "--model.objective image_text needs target captions (--data.captions)"
-            )
         similarities = self.model.image_text_similarity(
             batch["target_caption"], **{image: batch["target_image"]}
         )

@@ -1,17 +1,21 @@
-"""The tiny preset's stage-1 weights: image-text contrastive pretraining on synthetic images and
-their captions, the start ``csmcir quickstart`` fine-tunes, as the real method fine-tunes BLIP-2's
-stage-1 Q-Former instead of random weights.
+"""The tiny presets' stage-1 weights: image-text contrastive pretraining on synthetic images and
+their captions. ``csmcir quickstart`` fine-tunes the CSMCIR one, as the real method fine-tunes
+BLIP-2's stage-1 Q-Former instead of random weights; the CLIP4Cir baseline's comparison starts its
+tiny CLIP from the other, as CLIP4Cir starts from a pretrained CLIP.
 
     python -m csmcir.train.stage_one            # regenerates csmcir/pretrained/synthcir-tiny-stage1
     python -m csmcir.train.stage_one --check    # regenerates in a temporary folder and compares
+    python -m csmcir.train.stage_one --preset clip4cir-tiny    # synthcir-clip4cir-tiny-stage1
 
 What the weights have seen: the training-split images of their own synthetic benchmark (seed
 1000) and the oracle captions of those images, nothing else. No modification text, no triplet
 (batches are drawn at random, not a reference's queries together) and no val or test image
-trains them. The tokenizer's vocabulary is built from those captions and the words of the
-modification templates (:func:`~csmcir.data.synth_text.template_words`), not from any
-modification text. One torch thread, so the sums run in one order: the same CPU kind gives the
-same bytes (``--check`` says whether this machine does).
+trains them. Both presets train on the same data with the same recipe; the loss is BLIP-2's
+image-text contrastive loss for CSMCIR and CLIP's for the baseline. The tokenizer's vocabulary
+is built from those captions and the words of the modification templates
+(:func:`~csmcir.data.synth_text.template_words`), not from any modification text. One torch
+thread, so the sums run in one order: the same CPU kind gives the same bytes (``--check`` says
+whether this machine does).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Any
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json, read_json
 
-NAME = "synthcir-tiny-stage1"
-SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / NAME
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+# preset -> the name of its shipped stage-1 weights (a folder in csmcir/pretrained/)
+NAMES = {"tiny": "synthcir-tiny-stage1", "clip4cir-tiny": "synthcir-clip4cir-tiny-stage1"}
+SHIPPED = PRETRAINED / NAMES["tiny"]  # the quickstart's start
 RECORD = "stage_one.json"  # in the shipped folder: how it was made and its weights' SHA-256
 WEIGHTS = "model.safetensors"
 RECIPE: dict[str, Any] = {"seed": 1000, "steps": 1000, "batch_size": 64, "lr": 1.0e-3}
@@ -40,10 +46,14 @@ def sha256(path: Path) -> str:
 
 
 def make(
-    out: Path, work: Path, recipe: dict[str, Any], sizes: dict[str, int] | None = None
+    out: Path,
+    work: Path,
+    recipe: dict[str, Any],
+    sizes: dict[str, int] | None = None,
+    preset: str = "tiny",
 ) -> dict[str, Any]:
     """Generate the benchmark (``sizes``: split sizes other than the default ones, for a smoke
-    test), caption it, train stage 1 and save the model to ``out``."""
+    test), caption it, train stage 1 of ``preset`` and save the model to ``out``."""
     from captioning.cli import main as caption_main
     from csmcir.data.captions import load_captions
     from csmcir.data.synth import generate
@@ -64,7 +74,7 @@ def make(
     train_images = set(splits["train"].names)
     texts = [c for i, c in sorted(load_captions(captions).items()) if i in train_images]
     start = CSMCIR.from_preset(
-        "tiny", tokenizer_corpus=[*texts, *template_words()], vocab_size=2048, seed=seed
+        preset, tokenizer_corpus=[*texts, *template_words()], vocab_size=2048, seed=seed
     )
     start.save_pretrained(work / "start")
     steps = str(recipe["steps"])
@@ -82,11 +92,13 @@ def make(
     # fmt: on
     CSMCIR.from_pretrained(work / "run" / "model").save_pretrained(out)
     record = {
+        "preset": preset,
         "recipe": recipe,
         "sizes": sizes,
         "trained_on": f"the training-split images of synthcir seed {seed} and their oracle "
         "captions; no modification text, no triplet, no val or test image",
-        "command": "python -m csmcir.train.stage_one",
+        "command": "python -m csmcir.train.stage_one"
+        + ("" if preset == "tiny" else f" --preset {preset}"),
         "sha256": sha256(out / WEIGHTS),
     }
     atomic_write_json(out / RECORD, record)
@@ -106,7 +118,12 @@ def shipped_record(folder: Path = SHIPPED) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csmcir.train.stage_one", description=__doc__)
-    parser.add_argument("--out", type=Path, default=SHIPPED, help="where the weights go")
+    parser.add_argument(
+        "--preset", choices=sorted(NAMES), default="tiny", help="the model kind to pretrain"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where the weights go (default: the preset's shipped folder)"
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -116,18 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help=f"stage-1 steps (default {RECIPE['steps']})")
     args = parser.parse_args(argv)
     recipe = {**RECIPE, **({"steps": args.steps} if args.steps else {})}
+    out = args.out or PRETRAINED / NAMES[args.preset]
     with tempfile.TemporaryDirectory(prefix="csmcir-stage1-") as tmp:
         work = Path(tmp)
         if not args.check:
-            record = make(args.out, work, recipe, SMALL if args.small else None)
-            print(f"stage-1 weights in {args.out} (sha256 {record['sha256']})")
+            record = make(out, work, recipe, SMALL if args.small else None, args.preset)
+            print(f"stage-1 weights in {out} (sha256 {record['sha256']})")
             return 0
-        shipped = shipped_record(args.out)
-        made = make(work / "made", work / "work", shipped["recipe"], shipped["sizes"])
+        shipped = shipped_record(out)
+        made = make(
+            work / "made", work / "work", shipped["recipe"], shipped["sizes"], shipped["preset"]
+        )
         same = made["sha256"] == shipped["sha256"]
         print(f"regenerated sha256 {made['sha256']}: {'the same' if same else 'DIFFERENT'}")
         if not same:
-            kept = args.out.with_name(args.out.name + ".regenerated")
+            kept = out.with_name(out.name + ".regenerated")
             shutil.copytree(work / "made", kept, dirs_exist_ok=True)
             print(f"the regenerated weights are in {kept}")
         return 0 if same else 1
