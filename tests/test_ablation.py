@@ -19,11 +19,13 @@ from csmcir.ablation.config import AblationConfig, flatten, load_config
 from csmcir.ablation.runner import Grid, flag_value, log_tail, stale_reason
 from csmcir.ablation.table import markdown, summarise
 from csmcir.errors import ConfigError
+from csmcir.model import CSMCIR
 from csmcir.model.config import CSMCIRConfig
 from csmcir.packaged import config_file, config_names
 from csmcir.train.memory_bank import MemoryBankConfig
 from csmcir.train.module import CSMCIRModule
 from csmcir.train.resolve import resolve
+from csmcir.train.stage_one import PRETRAINED
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -111,7 +113,12 @@ def test_extends_merges_overrides_and_init_from_orders_the_runs(tmp_path, fit_ya
             {},
             r"data\.captions is set by the runner; use captions",
         ),
-        ([{"name": "a", "init_from": "b"}], {}, r"variants\.a\.init_from: no variant named 'b'"),
+        (
+            [{"name": "a", "init_from": "b"}],
+            {},
+            r"variants\.a\.init_from: 'b' is no variant, model folder, shipped model "
+            r"\(.*synthcir-tiny-stage1\) or hub name",
+        ),
         (
             [{"name": "a", "init_from": "b"}, {"name": "b", "init_from": "a"}],
             {},
@@ -509,6 +516,23 @@ VARIANTS = [
     {"name": "ft", "extends": "base", "init_from": "base", "overrides": {"model.lr": 0.01}},
     {"name": "bad", "overrides": {"model.lr": 0.777}},  # valid, but FakeRuns fails it
 ]
+
+
+def test_a_row_fine_tunes_a_shipped_model_on_every_seed(tmp_path, fit_yaml):
+    """``init_from: <shipped model>`` starts each seed from that model, keyed by its weights."""
+    runs = FakeRuns()
+    rows = [{"name": "start", "captions": "mcot", "init_from": "synthcir-tiny-stage1"}]
+    grid = fake_grid(tmp_path, fit_yaml, runs, rows)
+    variant = grid.config.variant("start")
+    assert (variant.init_from, variant.init_model) == (None, "synthcir-tiny-stage1")
+    assert variant.regime() == "fine-tuned from synthcir-tiny-stage1"
+    records = grid.run_all()
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    shipped = str(PRETRAINED / "synthcir-tiny-stage1")
+    fits = [c for c in runs.calls if c[3] == "fit"]
+    assert [c[c.index("--model.init_from") + 1] for c in fits] == [shipped, shipped]
+    cell = grid.cells()[0]
+    assert grid.starting_weights(cell)[1] == CSMCIR.from_pretrained(shipped).fingerprint()
 
 
 def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):

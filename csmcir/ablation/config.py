@@ -3,7 +3,8 @@
 A variant is a set of ``csmcir fit`` overrides on the base (``model.model_options: {tower:
 separate}``), plus what it needs first: a caption file (``captions: <name>``, built once by the
 oracle or given as a file) and, for fine-tuning rows, another variant's trained weights
-(``init_from: <variant>``, the same seed's run). ``extends: <variant>`` copies another
+(``init_from: <variant>``, the same seed's run) or a model (``init_from: synthcir-tiny-stage1``:
+a shipped model's name, a model folder or a hub name). ``extends: <variant>`` copies another
 variant's settings, so "full minus one part" rows stay short. Every check that can fail before
 hours of training runs here, with the key at fault named.
 """
@@ -20,7 +21,8 @@ from typing import Any
 import yaml
 
 from csmcir.errors import ConfigError
-from csmcir.packaged import config_file
+from csmcir.hub import is_hub_name
+from csmcir.packaged import config_file, packaged_model, pretrained_names
 
 # Fit keys that decide how much training a run gets and on what data. A variant changes one only
 # when it lists the key under ``changes_budget``; the rest of the grid then stays comparable.
@@ -76,12 +78,16 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     captions: str | None = None
     init_from: str | None = None
+    """Another variant whose same-seed run this one fine-tunes."""
+    init_model: str | None = None
+    """A model every seed fine-tunes: a shipped model's name, a folder or a hub name."""
     changes_budget: tuple[str, ...] = ()
     compare_to: str | None = None
     """The row this one is paired with, seed by seed, in the table's paired-difference column."""
 
     def regime(self) -> str:
-        return "from scratch" if self.init_from is None else f"fine-tuned from {self.init_from}"
+        start = self.init_from or self.init_model
+        return "from scratch" if start is None else f"fine-tuned from {start}"
 
 
 @dataclass
@@ -395,7 +401,12 @@ def _variants(value: Any, where: str, captions: dict[str, CaptionSpec]) -> list[
                 f"({', '.join(captions) or 'none defined'})"
             )
         if v.init_from is not None and v.init_from not in names:
-            raise ConfigError(f"{at}.init_from: no variant named {v.init_from!r}")
+            if not is_model_name(v.init_from):
+                raise ConfigError(
+                    f"{at}.init_from: {v.init_from!r} is no variant, model folder, shipped "
+                    f"model ({', '.join(pretrained_names())}) or hub name"
+                )
+            v.init_from, v.init_model = None, v.init_from
         if v.compare_to is not None and (v.compare_to not in names or v.compare_to == v.name):
             raise ConfigError(f"{at}.compare_to: no other variant named {v.compare_to!r}")
     _check_no_init_cycle(variants, where)
@@ -468,3 +479,9 @@ def _check_budget(config: AblationConfig, v: Variant) -> None:
                 f"{config.fit_config} to {base.get(key)!r}: pin it under 'budget' or list it "
                 "under changes_budget"
             )
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` names a model rather than a variant: a folder, a shipped model or a hub
+    repo (fetched when the run starts, not here)."""
+    return Path(name).is_dir() or packaged_model(name) is not None or is_hub_name(name)

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from csmcir import __version__
+from csmcir import __version__, hub
 from csmcir.ablation.config import (
     BUDGET_KEYS,
     AblationConfig,
@@ -287,11 +287,23 @@ class Grid:
         """The weights a fine-tuning cell starts from and their fingerprint."""
         parent = self.parent(cell)
         if parent is None:
-            return None, None
+            model = self.start_model(cell)
+            if model is None:
+                return None, None
+            from csmcir.model import CSMCIR
+
+            return model, CSMCIR.from_pretrained(model).fingerprint()
         record = self.read_result(parent.folder)
         if record is None or record["status"] != "ok":
             raise CellError("init_from", f"its starting run {parent.key} failed")
         return Path(record["weights"]), record["fingerprint"]
+
+    def start_model(self, cell: Cell) -> Path | None:
+        """The model (not a variant's run) every seed of this cell's row fine-tunes, if any."""
+        name = cell.variant.init_model
+        if name is None:
+            return None
+        return hub.resolve(name, hub.MODEL, f"variants.{cell.variant.name}.init_from")
 
     def parent(self, cell: Cell) -> Cell | None:
         """The cell whose trained weights this one starts from (same seed), if any."""
@@ -320,7 +332,7 @@ class Grid:
         for cell in cells:
             captions = self.caption_path(cell.variant.captions)
             parent = self.parent(cell)
-            init_from = self.weights_dir(parent) if parent else None
+            init_from = self.weights_dir(parent) if parent else self.start_model(cell)
             fit = self.fit_argv(cell, captions, init_from)
             commands.append((cell, fit, self.eval_argv(cell, captions)))
         return commands
