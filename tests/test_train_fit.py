@@ -245,6 +245,23 @@ def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
         CSMCIRModule(objective="itc")
 
 
+def test_a_symmetric_loss_is_the_mean_of_both_directions(
+    synthcir: Path, captions: Path, tmp_path: Path
+):
+    run(fit_args(synthcir, captions, tmp_path, "--model.symmetric_loss", "true"))
+    rows = read_metrics(tmp_path)
+    reverse = series(rows, "train/target_to_query_loss")
+    assert sorted(reverse) == list(range(6))
+    assert all(math.isfinite(v) and v > 0 for v in reverse.values())
+    plain = tmp_path / "plain"
+    run(fit_args(synthcir, captions, plain))
+    assert not series(read_metrics(plain), "train/target_to_query_loss")
+    # the same start and batch: step 0's loss is the mean of the plain loss and the reverse
+    first = series(read_metrics(plain), "train/loss")[0]
+    both = series(rows, "train/loss")[0]
+    assert both == pytest.approx((first + reverse[0]) / 2, rel=1e-5)
+
+
 def test_fit_uses_every_core_alone_and_its_share_in_a_grid(
     synthcir: Path, tmp_path: Path, monkeypatch, capsys
 ):

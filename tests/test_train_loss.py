@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from csmcir.train.loss import Temperature, info_nce, prediction_entropy
+from csmcir.train.loss import Temperature, info_nce, prediction_entropy, target_to_query
 from csmcir.train.schedule import warmup_cosine, warmup_cosine_scheduler
 
 
@@ -30,6 +30,21 @@ def test_ignore_mask_removes_duplicate_targets_but_never_the_positive():
     ignore = torch.tensor([[True, False, True]])  # column 0 is the positive: kept anyway
     expected = -math.log(math.exp(0.5) / (math.exp(0.5) + math.exp(0.2)))
     assert info_nce(sims, 1.0, ignore_mask=ignore).item() == pytest.approx(expected)
+
+
+def test_target_to_query_reads_this_ranks_columns_the_other_way():
+    """Rows are queries 0-1, columns another rank's target then this rank's targets 0-1."""
+    sims = torch.tensor([[9.0, 0.8, 0.1], [9.0, 0.3, 0.6]])
+
+    def picks(own: float, other: float) -> float:
+        return -math.log(math.exp(own) / (math.exp(own) + math.exp(other)))
+
+    # target 0 scores query 0 at 0.8 and query 1 at 0.3; target 1: query 1 at 0.6, query 0 at 0.1
+    expected = (picks(0.8, 0.3) + picks(0.6, 0.1)) / 2
+    assert target_to_query(sims, 1.0, offset=1).item() == pytest.approx(expected)
+    # the two targets are one image: neither query is the other copy's negative
+    ignore = torch.tensor([[False, True, True], [False, True, True]])
+    assert target_to_query(sims, 1.0, offset=1, ignore_mask=ignore).item() == pytest.approx(0.0)
 
 
 def test_extra_negatives_with_bias_and_mask():

@@ -94,6 +94,23 @@ def info_nce(
     return nn.functional.cross_entropy(logits, labels)
 
 
+def target_to_query(
+    similarities: Tensor,
+    temperature: Tensor | float,
+    offset: int = 0,
+    ignore_mask: Tensor | None = None,
+) -> Tensor:
+    """InfoNCE the other way: each of this rank's targets picks its query among the batch's.
+
+    ``similarities`` and ``ignore_mask`` are the ``[B, N]`` query-candidate matrices of
+    :func:`info_nce`; this rank's targets are columns ``offset .. offset + B`` (target i is
+    query i's positive). A duplicate target's other queries are ignored, not negatives.
+    """
+    local = slice(offset, offset + similarities.shape[0])
+    ignore = None if ignore_mask is None else ignore_mask[:, local].T
+    return info_nce(similarities[:, local].T, temperature, ignore_mask=ignore)
+
+
 def prediction_entropy(similarities: Tensor, temperature: Tensor | float) -> Tensor:
     """Mean normalised entropy (0..1) of the in-batch softmax: 1 = uniform, 0 = certain.
 

@@ -28,7 +28,7 @@ from csmcir.errors import ConfigError
 from csmcir.model.modes import eval_mode
 from csmcir.train.datasets import GALLERY, QUERY
 from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
-from csmcir.train.loss import Temperature, info_nce, prediction_entropy
+from csmcir.train.loss import Temperature, info_nce, prediction_entropy, target_to_query
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
 from csmcir.train.schedule import warmup_cosine_scheduler
 from csmcir.train.validation import summarise
@@ -116,6 +116,11 @@ class CSMCIRModule(L.LightningModule):
         temperature_range: (min, max) of the learnt temperature.
         mask_duplicate_targets: do not count another copy of a query's target image in the
             batch as a negative.
+        symmetric_loss: add the target-to-query direction of the in-batch InfoNCE (each
+            target picks its query among the batch's, as BLIP-2's and CLIP's contrastive losses
+            do both ways); the loss is the mean of the two directions. Under
+            ``data.group_by_reference`` a target's hardest wrong query is its sibling, the same
+            reference under another text.
         bank: the memory bank of hard negatives (docs/memory_bank.md); off unless
             ``enabled: true``.
         objective: ``cir`` (queries against targets) or ``image_text``: a stage-1 run that
@@ -141,6 +146,7 @@ class CSMCIRModule(L.LightningModule):
         learn_temperature: bool = True,
         temperature_range: tuple[float, float] = (0.01, 0.5),
         mask_duplicate_targets: bool = True,
+        symmetric_loss: bool = False,
         bank: MemoryBankConfig | None = None,
         objective: Objective = "cir",
     ) -> None:
@@ -176,6 +182,7 @@ class CSMCIRModule(L.LightningModule):
                 # a dict, not the dataclass: checkpoints load with weights_only=True
                 "bank": dataclasses.asdict(bank) if isinstance(bank, MemoryBankConfig) else bank,
                 "mask_duplicate_targets": mask_duplicate_targets,
+                "symmetric_loss": symmetric_loss,
                 "objective": objective,
             }
         )
@@ -291,6 +298,10 @@ class CSMCIRModule(L.LightningModule):
         extra = self._bank_negatives(queries, targets, similarities / tau, batch, tau)
         loss = info_nce(similarities, tau, labels, ignore_mask=ignore, **extra)
         batch_size = queries.shape[0]
+        if self.hparams.get("symmetric_loss"):
+            reverse = target_to_query(similarities, tau, offset, ignore)
+            self.log("train/target_to_query_loss", reverse, batch_size=batch_size)
+            loss = (loss + reverse) / 2
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/temperature", tau.detach(), batch_size=batch_size)
         self.log("train/entropy", prediction_entropy(similarities, tau), batch_size=batch_size)
