@@ -3,12 +3,13 @@
 Runs the real training path (CIRDataModule with in-memory images, CSMCIRModule, a Lightning
 Trainer) on a freshly generated synthetic benchmark with oracle captions, and times optimiser
 steps after a short warm-up, for each model, batch size and torch thread count asked for. The
-models: ``tiny`` (CSMCIR), ``tiny+bank`` (with the gated memory bank: the quickstart's step)
-and ``clip4cir-tiny`` (the baseline), measured in one run so that their ratio holds on a
+models: ``tiny`` (CSMCIR), ``+bank`` (with the gated memory bank), ``+symmetric`` (the two-way
+loss; ``tiny+bank+symmetric`` is the quickstart's step) and ``clip4cir-tiny`` (the baseline),
+measured in one run so that their ratio holds on a
 shared machine: the equal wall-clock comparison (docs/baselines.md) reads it.
 
     python -m bench.bench_train_tiny [--steps 30] [--batch-sizes 32,128] [--threads 1,2]
-    python -m bench.bench_train_tiny --models tiny+bank,clip4cir-tiny --batch-sizes 64
+    python -m bench.bench_train_tiny --models tiny+bank+symmetric,clip4cir-tiny --batch-sizes 64
     python -m bench.bench_train_tiny --device cuda --batch-sizes 32,128,512 --threads 4
 """
 
@@ -62,12 +63,16 @@ def make_benchmark(root: Path) -> Path:
 
 
 def module(model: str) -> CSMCIRModule:
-    """The training module of ``model``: a preset name, ``+bank`` for the gated memory bank."""
-    preset, _, bank = model.partition("+")
-    if bank not in ("", "bank"):
-        raise SystemExit(f"--models: {model!r} is not PRESET or PRESET+bank")
-    config = MemoryBankConfig(enabled=True) if bank else None
-    return CSMCIRModule(preset=preset, warmup_steps=1, bank=config)
+    """The training module of ``model``: a preset name, then ``+bank`` for the gated memory bank
+    and ``+symmetric`` for the two-way loss (``tiny+bank+symmetric``: the quickstart's step)."""
+    preset, *parts = model.split("+")
+    if not set(parts) <= {"bank", "symmetric"}:
+        raise SystemExit(f"--models: {model!r} is not PRESET[+bank][+symmetric]")
+    # open from the first step: the quickstart's opens at its entropy gate, about step 240
+    bank = MemoryBankConfig(enabled=True, open_entropy=None) if "bank" in parts else None
+    return CSMCIRModule(
+        preset=preset, warmup_steps=1, bank=bank, symmetric_loss="symmetric" in parts
+    )
 
 
 def measure(
@@ -110,7 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting")
     parser.add_argument(
-        "--models", default="tiny", help="tiny, tiny+bank (the quickstart's step), clip4cir-tiny"
+        "--models",
+        default="tiny",
+        help="tiny, tiny+bank+symmetric (the quickstart's step), clip4cir-tiny",
     )
     parser.add_argument("--batch-sizes", default="32,128")
     parser.add_argument("--threads", default="1,2")
@@ -153,7 +160,8 @@ def main() -> None:
         "(reference image, text, target image, caption) samples, 64 px images, in-batch "
         f"InfoNCE; timed over {args.steps} steps after {WARMUP_STEPS} warm-up steps, "
         "images cached in memory, no validation. `tiny`: CSMCIR's tiny preset; `+bank`: with "
-        "the gated memory bank, as the quickstart trains it; `clip4cir-tiny`: the baseline.",
+        "the gated memory bank; `+symmetric`: the two-way loss (`tiny+bank+symmetric` is the "
+        "quickstart's step); `clip4cir-tiny`: the baseline.",
         "",
         "`grouped`: a reference's queries batched together (`data.group_by_reference`, the "
         "quickstart's recipe), so the reference ViT runs once per distinct reference image.",

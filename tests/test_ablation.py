@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from csmcir import cli as csmcir_cli
+from csmcir import quickstart
 from csmcir.ablation.config import AblationConfig, flatten, load_config
 from csmcir.ablation.runner import Grid, flag_value, log_tail, stale_reason
 from csmcir.ablation.table import markdown, summarise
@@ -25,7 +26,7 @@ from csmcir.packaged import config_file, config_names
 from csmcir.train.memory_bank import MemoryBankConfig
 from csmcir.train.module import CSMCIRModule
 from csmcir.train.resolve import resolve
-from csmcir.train.stage_one import PRETRAINED
+from csmcir.train.stage_one import NAMES, PRETRAINED
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -174,13 +175,24 @@ def test_a_fit_config_with_another_budget_is_refused_unless_declared(tmp_path, f
 
 def test_the_baseline_comparison_at_two_budgets_trains_the_same_recipes():
     short, long = (
-        load_config(f"ablation/synthcir_vs_clip4cir{suffix}") for suffix in ("", "_1200")
+        load_config(f"ablation/synthcir_vs_clip4cir{suffix}") for suffix in ("_480", "_1200")
     )
     assert short.budget["trainer.max_steps"] == 480 and long.budget["trainer.max_steps"] == 1200
     assert [v.name for v in short.variants] == [v.name for v in long.variants]
     for name in ("csmcir", "csmcir-no-bank", "clip4cir"):
         assert short.variant(name).overrides == long.variant(name).overrides, name
         assert short.variant(name).fit_config == long.variant(name).fit_config, name
+
+
+def test_the_quickstart_comparison_trains_what_the_quickstart_trains():
+    """CSMCIR's row is the quickstart's recipe; the baseline starts from its own stage-1 CLIP."""
+    config = load_config("ablation/synthcir_vs_clip4cir")
+    csmcir, baseline = config.variant("csmcir"), config.variant("clip4cir")
+    assert csmcir.overrides == quickstart.RECIPE
+    assert csmcir.init_model == NAMES["tiny"] and baseline.init_model == NAMES["clip4cir-tiny"]
+    fit = yaml.safe_load(config_file("synthcir").read_text())
+    assert config.budget["trainer.max_steps"] == fit["trainer"]["max_steps"]
+    assert baseline.changes_budget == ("trainer.max_steps",)
 
 
 def test_the_shipped_configs_load_and_cover_the_issue_rows():

@@ -161,6 +161,9 @@ def test_quickstart_small(tmp_path, capsys, monkeypatch):
         assert g.width > 400 and p.size == (500, 560)
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "index").is_dir()
+    # the whole recipe trained: the memory bank and the two-way loss
+    logged = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "bank/open" in logged and "train/target_to_query_loss" in logged
 
     # The summary ends with the command that opens the demo on its model, and it does.
     demo_command = out.strip().splitlines()[-1].split(":  ")[1]
