@@ -160,7 +160,8 @@ def main() -> None:
         "(reference image, text, target image, caption) samples, 64 px images, in-batch "
         f"InfoNCE; timed over {args.steps} steps after {WARMUP_STEPS} warm-up steps, "
         "images cached in memory, no validation. `tiny`: CSMCIR's tiny preset; `+bank`: with "
-        "the gated memory bank; `+symmetric`: the two-way loss (`tiny+bank+symmetric` is the "
+        "the memory bank, open from the first step (the quickstart's opens at its entropy gate, "
+        "about step 240); `+symmetric`: the two-way loss (`tiny+bank+symmetric` is the "
         "quickstart's step); `clip4cir-tiny`: the baseline.",
         "",
         "`grouped`: a reference's queries batched together (`data.group_by_reference`, the "
@@ -174,7 +175,7 @@ def main() -> None:
     if len(models) > 1:
         first = models[0]
         ratios = [
-            f"{m} {rate[m, b, g, t] / r:.2f}x"
+            f"{m} {rate[m, b, g, t] / r:.2f}x (batch {b}, {g}, {t} thread{'s' * (t > 1)})"
             for (f, b, g, t), r in rate.items()
             if f == first
             for m in models[1:]
