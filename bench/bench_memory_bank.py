@@ -7,6 +7,8 @@ age window and eviction, false-negative masks by id and margin, top-k hardest se
 staleness, share offset, and the write of the batch. Models:
 
 - ``tiny``: the tiny preset (64-d embeddings) from pixels, as it trains on the synthetic benchmark;
+- ``quickstart``: the same step with the quickstart's own bank and batch (its config's size and
+  top-k, batch 64; the bank open and every slot live), not the full bank of the other rows;
 - ``qformer``: the real-size BLIP-2 Q-Former (768 hidden, 12 layers, 32 queries, 256-d embeddings)
   on cached ViT-g features ([B, 257, 1408], random), i.e. the frozen-ViT training step.
 
@@ -49,9 +51,12 @@ def corpus(n: int, seed: int) -> list[str]:
     ]
 
 
+QUICKSTART_BATCH = 64  # csmcir/configs/synthcir.yaml
+
+
 def build_model(name: str) -> CSMCIR:
     texts = corpus(256, 0)
-    if name == "tiny":
+    if name in ("tiny", "quickstart"):
         return CSMCIR.from_preset("tiny", tokenizer_corpus=texts, seed=0)
     # Real-size Q-Former; the ViT reduced to one layer because its features come from the cache.
     tokenizer = build_wordpiece_tokenizer(texts)
@@ -102,6 +107,18 @@ def full_bank(entries: int, dim: int, top_k: int, device: torch.device) -> Memor
     )
     bank = MemoryBank(config, dim).to(device)
     bank.write(torch.randn(entries, dim, device=device), torch.arange(entries) - entries, step=0)
+    return bank
+
+
+def quickstart_bank(dim: int, device: torch.device) -> MemoryBank:
+    """The quickstart's bank (``MemoryBankConfig(enabled=True)``), open and full."""
+    config = MemoryBankConfig(enabled=True, open_entropy=None)
+    bank = MemoryBank(config, dim).to(device)
+    bank.write(
+        torch.randn(config.size, dim, device=device),
+        torch.arange(config.size) - config.size,
+        step=0,
+    )
     return bank
 
 
@@ -156,8 +173,13 @@ def compare(
 def model_row(name: str, args: argparse.Namespace, device: torch.device) -> list[str]:
     model = build_model(name).to(device).train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batch = make_batch(model, args.batch, seed=1, device=device)
-    bank = full_bank(args.entries, model.config.embed_dim, args.k, device)
+    dim = model.config.embed_dim
+    if name == "quickstart":
+        batch = make_batch(model, QUICKSTART_BATCH, seed=1, device=device)
+        bank = quickstart_bank(dim, device)
+    else:
+        batch = make_batch(model, args.batch, seed=1, device=device)
+        bank = full_bank(args.entries, dim, args.k, device)
 
     def step(bank: MemoryBank | None) -> None:
         q = model.encode_query(batch.query_texts, **batch.query_vision)
@@ -169,9 +191,13 @@ def model_row(name: str, args: argparse.Namespace, device: torch.device) -> list
 
     base, banked = compare(f"{name} step", step, bank, args.repeats, device)
     params = model.num_parameters(trainable_only=True) / 1e6
-    what = "pixels" if name == "tiny" else "cached ViT-g features"
+    what = "cached ViT-g features" if name == "qformer" else "pixels"
+    label = f"{name} ({params:.1f}M trainable, {what})"
+    if name == "quickstart":
+        size = bank.config.size
+        label = f"tiny, the quickstart's bank ({size:,} entries, top-{bank.config.top_k}, batch 64)"
     return [
-        f"{name} ({params:.1f}M trainable, {what})",
+        label,
         str(model.config.embed_dim),
         f"{base * 1e3:.1f}",
         f"{banked * 1e3:.1f}",
@@ -207,7 +233,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed step pairs per model")
-    parser.add_argument("--models", nargs="+", default=["tiny", "qformer"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "quickstart", "qformer"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
@@ -224,7 +250,8 @@ def main() -> None:
     body = (
         "## Memory bank overhead\n\n"
         f"Median training-step time over {args.repeats} alternating step pairs (loss-only rows: "
-        f"{args.repeats * 10}), batch {args.batch}, on {device_name}. The bank is full: "
+        f"{args.repeats * 10}), batch {args.batch} (the quickstart's row: 64), on {device_name}. "
+        "The bank is full: "
         f"{args.entries:,} live entries, top-{args.k} hardest per query, entropy window, "
         "false-negative masks by id and margin, staleness, share offset, and the write of the "
         "batch. A step is the query and target forward passes of the shared encoder, InfoNCE, "
