@@ -5,7 +5,10 @@ benchmark, captions, training, evaluation, index, grids and plot), as a user's f
 and reports the test-split recalls it printed and its wall time. The table gives each seed, then
 the mean, standard deviation and minimum over the seeds.
 
-    python -m bench.bench_quickstart [--seeds 0 1 2 3 4] [--device cpu]
+    python -m bench.bench_quickstart [--seeds 0 1 2 3 4] [--device cpu] [--keep DIR]
+
+``--keep DIR`` leaves each seed's folders in ``DIR/seed-S`` (the README's grids and tables come
+from seed 0's); by default they go to a temporary folder that is removed.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def table(results: list[dict]) -> list[str]:
     return [head, "|" + " ---: |" * (len(COLUMNS) + 2), *rows]
 
 
+TYPES = ("add", "remove", "change", "move")
+
+
+def type_table(results: list[dict]) -> list[str]:
+    """R@1 by modification type, seed by seed, and the lowest over the seeds."""
+    rows = [
+        f"| {r['seed']} | " + " | ".join(f"{r['by_type'][t]['R@1']:.1f}" for t in TYPES) + " |"
+        for r in results
+    ]
+    lowest = [min(r["by_type"][t]["R@1"] for r in results) for t in TYPES]
+    rows.append("| **min** | " + " | ".join(f"{v:.1f}" for v in lowest) + " |")
+    head = "| seed | " + " | ".join(f"{t} R@1" for t in TYPES) + " |"
+    return [head, "|" + " ---: |" * (len(TYPES) + 1), *rows]
+
+
 def stage_times(results: list[dict]) -> str:
     stages = results[0]["stages"]
     mean = {s: statistics.mean(r["stages"][s] for r in results) for s in stages}
@@ -73,6 +91,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, help="the quickstart's --steps (default its own)")
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--keep", type=Path, help="leave each seed's folders in DIR/seed-S")
     args = parser.parse_args()
     extra = ["--size", args.size] if args.size else []
     extra += ["--steps", str(args.steps)] if args.steps else []
@@ -80,7 +99,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            results.append(run_seed(seed, Path(tmp) / f"seed-{seed}", args.device, extra))
+            results.append(
+                run_seed(seed, (args.keep or Path(tmp)) / f"seed-{seed}", args.device, extra)
+            )
             r = results[-1]
             print(
                 f"seed {seed}: R@10 {r['table']['trained']['R@10']:.1f}, Rsubset@1 "
@@ -97,6 +118,10 @@ def main() -> None:
         "embedding plot. Recall in %; wall time end to end.",
         "",
         *table(results),
+        "",
+        "By modification type (test split):",
+        "",
+        *type_table(results),
         "",
         f"Mean time per stage: {stage_times(results)}. Load average (1 min) of the machine: "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
