@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def test_stale_cache_is_refused(tmp_path, model, val_split) -> None:
     with torch.no_grad():
         trained.tower.text_projection.weight.add_(1.0)
     assert len(FeatureCache.open(tmp_path / "cache", trained)) == 3
+
+
+def test_a_cache_is_not_extended_at_another_precision(tmp_path, model, val_split) -> None:
+    """Rows of two precisions in one cache would be a silent mix: refused, naming the flag."""
+    paths = paths_of(val_split)
+    first = dict(list(paths.items())[:3])
+    extract_features(model, first, tmp_path / "cache", progress=False)  # the model's fp32
+    bf16 = copy.copy(model)
+    bf16.config = model.config.replace(precision="bf16")
+    assert len(extract_features(bf16, first, tmp_path / "cache", progress=False)) == 3  # no rows
+    with pytest.raises(DataError, match=r"extracted at precision fp32.*--precision fp32"):
+        extract_features(bf16, paths, tmp_path / "cache", progress=False)
+    assert len(FeatureCache.open(tmp_path / "cache", model)) == 3
+    assert len(extract_features(model, paths, tmp_path / "cache", progress=False)) == len(paths)
 
 
 class CountedViT:

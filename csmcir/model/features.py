@@ -231,7 +231,8 @@ def extract_features(
     the same bytes: each batch's features are those of ``model.vision_features`` on it.
 
     Resumable: a killed run loses at most the shard it was filling. A folder made by another
-    vision tower is refused (see :func:`check_fingerprint`).
+    vision tower is refused (see :func:`check_fingerprint`), and so is adding rows at another
+    precision than the folder's (a GPU run's bf16 resumed on a CPU at fp32 would mix them).
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
@@ -261,6 +262,14 @@ def extract_features(
             atomic_write_json(folder / META_FILE, meta)
             cache = FeatureCache(folder, meta, {"shards": [], "ids": {}})
         todo = {i: Path(image_paths[i]) for i in image_paths if i not in cache}
+        made = cache.meta.get("extracted_with", {}).get("precision")
+        if todo and made is not None and made != model.config.precision:
+            raise DataError(
+                f"{folder} holds ViT features extracted at precision {made}, and this run's ViT "
+                f"runs at {model.config.precision}: adding {len(todo)} rows would mix two "
+                f"precisions in one cache. Go on with --precision {made}, or extract into "
+                "another folder"
+            )
         index = {"shards": list(cache._shards), "ids": {k: list(v) for k, v in cache._rows.items()}}
         bar = tqdm(
             total=len(todo), desc="extracting ViT features", unit="img", disable=not progress
