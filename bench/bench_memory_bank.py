@@ -105,20 +105,19 @@ def full_bank(entries: int, dim: int, top_k: int, device: torch.device) -> Memor
         fn_margin=0.1,
         open_entropy=None,  # the gate open: the bank's full cost, from the first step
     )
-    bank = MemoryBank(config, dim).to(device)
-    bank.write(torch.randn(entries, dim, device=device), torch.arange(entries) - entries, step=0)
-    return bank
+    return filled(config, dim, device)
 
 
 def quickstart_bank(dim: int, device: torch.device) -> MemoryBank:
     """The quickstart's bank (``MemoryBankConfig(enabled=True)``), open and full."""
-    config = MemoryBankConfig(enabled=True, open_entropy=None)
+    return filled(MemoryBankConfig(enabled=True, open_entropy=None), dim, device)
+
+
+def filled(config: MemoryBankConfig, dim: int, device: torch.device) -> MemoryBank:
+    """A bank of ``config`` with every slot written at step 0 (all live at step 1)."""
     bank = MemoryBank(config, dim).to(device)
-    bank.write(
-        torch.randn(config.size, dim, device=device),
-        torch.arange(config.size) - config.size,
-        step=0,
-    )
+    size = config.size
+    bank.write(torch.randn(size, dim, device=device), torch.arange(size) - size, step=0)
     return bank
 
 

@@ -180,9 +180,11 @@ def resolve(name: str | Path, use: Use, flag: str) -> Path:
     path, for the caller's own "not found". Raises :class:`HubError` when the repo cannot be had.
     """
     path = Path(str(name))
-    if not path.exists() and (shipped := packaged_model(str(name))) is not None:
+    if path.exists():
+        return path
+    if (shipped := packaged_model(str(name))) is not None:
         return shipped
-    parsed = None if path.exists() else hub_name(name)
+    parsed = hub_name(name)
     if parsed is None:
         return path
     repo, revision = parsed

@@ -142,6 +142,7 @@ class Grid:
         self._captions: dict[str, Path | str] = {}  # name -> file, or the error that stopped it
         self._caption_lock = threading.Lock()
         self._resolved: dict[tuple[str, ...], Resolved] = {}  # fit command -> its resolution
+        self._start_fingerprints: dict[Path, str] = {}  # init_from model -> its fingerprint
 
     def check_inputs(self) -> None:
         """Stop before any run when the data is missing: every cell needs it (the fit configs
@@ -290,9 +291,11 @@ class Grid:
             model = self.start_model(cell)
             if model is None:
                 return None, None
-            from csmcir.model import CSMCIR
+            if model not in self._start_fingerprints:  # every seed's cell starts from it
+                from csmcir.model import CSMCIR
 
-            return model, CSMCIR.from_pretrained(model).fingerprint()
+                self._start_fingerprints[model] = CSMCIR.from_pretrained(model).fingerprint()
+            return model, self._start_fingerprints[model]
         record = self.read_result(parent.folder)
         if record is None or record["status"] != "ok":
             raise CellError("init_from", f"its starting run {parent.key} failed")

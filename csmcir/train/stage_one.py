@@ -28,10 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from csmcir import packaged
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json, read_json
 
-PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+PRETRAINED = Path(__file__).resolve().parents[1] / packaged.PRETRAINED  # written to: the source
 # preset -> the name of its shipped stage-1 weights (a folder in csmcir/pretrained/)
 NAMES = {"tiny": "synthcir-tiny-stage1", "clip4cir-tiny": "synthcir-clip4cir-tiny-stage1"}
 SHIPPED = PRETRAINED / NAMES["tiny"]  # the quickstart's start
