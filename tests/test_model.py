@@ -101,6 +101,18 @@ def test_image_text_similarity_pairs_images_with_texts(model: CSMCIR, pixels: to
     torch.testing.assert_close(alone[0, 0], sim[2, 1], atol=1e-5, rtol=0)
 
 
+def test_matching_features_are_the_query_embedding_before_its_projection(
+    model: CSMCIR, pixels: torch.Tensor
+) -> None:
+    """Stage 1's matching head reads the very position the CIR embedding reads."""
+    with torch.no_grad():
+        hidden = model.matching_features(TEXTS, pixels)
+        queries = model.encode_query(TEXTS, pixels)
+    assert hidden.shape == (3, model.config.qformer["hidden_size"])
+    projected = F.normalize(model.tower.text_projection(hidden), dim=-1)
+    torch.testing.assert_close(projected, queries, atol=1e-6, rtol=0)
+
+
 def test_image_text_training_learns_which_text_goes_with_which_image() -> None:
     torch.manual_seed(0)
     model = tiny().train()

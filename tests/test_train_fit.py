@@ -224,11 +224,19 @@ def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
     synthcir: Path, captions: Path, tmp_path: Path
 ):
     stage_one = tmp_path / "stage1"
-    run(fit_args(synthcir, captions, stage_one, "--model.objective", "image_text"))
+    stage_one_args = ["--model.objective", "image_text", "--model.image_text_matching", "true"]
+    cli = run(fit_args(synthcir, captions, stage_one, *stage_one_args))
     rows = read_metrics(stage_one)
     assert sorted(series(rows, "train/image_text_loss")) == list(range(6))
+    # BLIP-2's matching loss: a third of the pairs match, so an untrained head is near ln 2
+    matching = series(rows, "train/matching_loss")
+    assert sorted(matching) == list(range(6)) and 0.4 < matching[0] < 1.2
     assert not series(rows, "train/loss")
+    trained = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in cli.model.matching_head.parameters()} <= trained
     start = CSMCIR.from_pretrained(stage_one / "model")
+    # the head is stage 1's own: the exported model is the encoder as it was trained
+    assert start.fingerprint() == cli.model.model.eval().fingerprint()
     cli = run(
         fit_args(
             synthcir,
@@ -243,6 +251,18 @@ def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
     assert str(start_dir) == cli.model.hparams.init_from
     with pytest.raises(ConfigError, match=r"--model\.objective must be cir or image_text"):
         CSMCIRModule(objective="itc")
+    with pytest.raises(ConfigError, match="image_text_matching is a stage-1 loss"):
+        CSMCIRModule(image_text_matching=True)
+
+
+def test_image_text_matching_needs_a_joint_pass():
+    """The CLIP4Cir baseline has no joint image-text pass for a matching head to read."""
+    from csmcir.baselines import CLIP4Cir
+
+    module = CSMCIRModule(objective="image_text", image_text_matching=True)
+    module.model = CLIP4Cir.from_preset("clip4cir-tiny", ["a red square", "a blue circle"])
+    with pytest.raises(ConfigError, match="needs a model with a joint image-text pass"):
+        module._build_matching_head()
 
 
 def test_a_symmetric_loss_is_the_mean_of_both_directions(

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from csmcir.train.loss import Temperature, info_nce, prediction_entropy, target_to_query
+from csmcir.train.loss import (
+    Temperature,
+    hard_negatives,
+    info_nce,
+    matching_loss,
+    prediction_entropy,
+    target_to_query,
+)
 from csmcir.train.schedule import warmup_cosine, warmup_cosine_scheduler
 
 
@@ -45,6 +52,32 @@ def test_target_to_query_reads_this_ranks_columns_the_other_way():
     # the two targets are one image: neither query is the other copy's negative
     ignore = torch.tensor([[False, True, True], [False, True, True]])
     assert target_to_query(sims, 1.0, offset=1, ignore_mask=ignore).item() == pytest.approx(0.0)
+
+
+def test_hard_negatives_are_drawn_by_similarity_among_the_columns_left():
+    torch.manual_seed(0)
+    sims = torch.tensor([[9.0, 0.0, 30.0, 0.0], [0.0, 9.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    ignore = torch.tensor(
+        [[True, False, True, False], [True, True, True, True], [False, False, True, False]]
+    )
+    counts = torch.zeros(3, 4)
+    for _ in range(300):
+        rows, columns = hard_negatives(sims, ignore)
+        assert rows.tolist() == [0, 2]  # row 1 has no column left: no negative
+        counts[rows, columns] += 1
+    assert not counts[ignore].any()  # an ignored column (the positive, a copy) never comes
+    # row 0: column 2 would win, but it is ignored; columns 1 and 3 tie. Row 2: uniform of three
+    assert counts[0, 1] > 100 and counts[0, 3] > 100
+    assert all(counts[2, c] > 60 for c in (0, 1, 3))
+    sharp = torch.tensor([[0.0, 50.0, 0.0]])
+    assert hard_negatives(sharp, torch.tensor([[True, False, False]]))[1].tolist() == [1]
+
+
+def test_matching_loss_known_value():
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]])  # [no match, match]
+    # row 0 matches: -log(e^2 / (1 + e^2)); row 1 does not: -log(e / (e + 1)); row 2: log 2
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1)) + math.log(2)) / 3
+    assert matching_loss(logits, positives=1).item() == pytest.approx(expected)
 
 
 def test_extra_negatives_with_bias_and_mask():

@@ -62,6 +62,13 @@ class QFormerTower(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor
     ) -> torch.Tensor:
         """[B, D] embedding of (image, text): the text's [CLS] output after the joint pass."""
+        hidden = self.fused_cls(input_ids, attention_mask, vision)
+        return F.normalize(self.text_projection(hidden).float(), dim=-1)
+
+    def fused_cls(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, H] the text's [CLS] output of the joint pass, before the projection."""
         n = self.num_queries
         queries = self.query_tokens.expand(vision.shape[0], -1, -1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
@@ -74,7 +81,7 @@ class QFormerTower(nn.Module):
             attention_mask=torch.cat([query_mask, attention_mask], dim=1),
             encoder_hidden_states=vision,
         ).last_hidden_state
-        return F.normalize(self.text_projection(hidden[:, n]).float(), dim=-1)
+        return hidden[:, n]
 
     def image_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor
@@ -391,14 +398,30 @@ class CSMCIR(nn.Module):
             )
         return torch.einsum("iqd,jd->ijq", image, text).amax(dim=-1)
 
+    def matching_features(
+        self,
+        texts: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, H]`` the query tower's joint-pass [CLS] outputs of (image, text) pairs, before
+        the projection: what stage 1's image-text matching head reads. It is the position the
+        CIR embedding reads, so matching trains the pass that CIR fine-tuning starts from."""
+        vision = self._vision(pixel_values, vision_features, None)
+        return self._fused(self.tower, texts, vision, QFormerTower.fused_cls)
+
     def _fused(
-        self, tower: QFormerTower, texts: Sequence[str], vision: torch.Tensor
+        self,
+        tower: QFormerTower,
+        texts: Sequence[str],
+        vision: torch.Tensor,
+        output=QFormerTower.fused,
     ) -> torch.Tensor:
         tokens = self.tokenize(texts)
         if tokens["input_ids"].shape[0] != vision.shape[0]:
             raise ValueError(f"{len(texts)} texts for {vision.shape[0]} images")
         with self._autocast():
-            return tower.fused(tokens["input_ids"], tokens["attention_mask"], vision)
+            return output(tower, tokens["input_ids"], tokens["attention_mask"], vision)
 
     @staticmethod
     def similarity(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,25 @@ def target_to_query(
     return info_nce(similarities[:, local].T, temperature, ignore_mask=ignore)
 
 
+def hard_negatives(similarities: Tensor, ignore_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """BLIP-2's image-text matching negatives: for each row, one column drawn with probability
+    ``softmax(similarities)`` among the columns ``ignore_mask`` leaves (it must exclude the row's
+    own positive), so that the hardest look-alikes are drawn most. Returns ``(rows, columns)``:
+    rows with no column left have no negative."""
+    rows = (~ignore_mask).any(dim=1).nonzero().flatten()
+    logits = similarities.detach().float()[rows].masked_fill(ignore_mask[rows], -math.inf)
+    columns = torch.multinomial(torch.softmax(logits, dim=1), 1).flatten()
+    return rows, columns
+
+
+def matching_loss(logits: Tensor, positives: int) -> Tensor:
+    """Cross-entropy of a ``[N, 2]`` match / no-match head whose first ``positives`` rows are
+    matching pairs and the rest are not."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:positives] = 1
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
 def prediction_entropy(similarities: Tensor, temperature: Tensor | float) -> Tensor:
     """Mean normalised entropy (0..1) of the in-batch softmax: 1 = uniform, 0 = certain.
 

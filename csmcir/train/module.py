@@ -28,7 +28,14 @@ from csmcir.errors import ConfigError
 from csmcir.model.modes import eval_mode
 from csmcir.train.datasets import GALLERY, QUERY
 from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
-from csmcir.train.loss import Temperature, info_nce, prediction_entropy, target_to_query
+from csmcir.train.loss import (
+    Temperature,
+    hard_negatives,
+    info_nce,
+    matching_loss,
+    prediction_entropy,
+    target_to_query,
+)
 from csmcir.train.memory_bank import MemoryBank, MemoryBankConfig
 from csmcir.train.schedule import warmup_cosine_scheduler
 from csmcir.train.validation import summarise
@@ -128,6 +135,12 @@ class CSMCIRModule(L.LightningModule):
             captions alone (no modification text, no reference image): BLIP-2's for CSMCIR,
             CLIP's for the CLIP4Cir baseline. A CIR run starts from its exported model with
             ``init_from`` (docs/training.md).
+        image_text_matching: with ``objective: image_text``, add BLIP-2's image-text matching
+            loss: a match / no-match head on the joint pass of each image with its caption and
+            with a hard negative caption, and of each caption with a hard negative image (drawn
+            by contrastive similarity). The contrastive loss trains only the image-only and
+            text-only passes; this trains the joint pass, the one CSMCIR's embeddings read. The
+            head is stage 1's own and is not exported. Models with a joint pass only (CSMCIR).
     """
 
     def __init__(
@@ -149,10 +162,15 @@ class CSMCIRModule(L.LightningModule):
         symmetric_loss: bool = False,
         bank: MemoryBankConfig | None = None,
         objective: Objective = "cir",
+        image_text_matching: bool = False,
     ) -> None:
         super().__init__()
         if objective not in ("cir", "image_text"):
             raise ConfigError(f"--model.objective must be cir or image_text, got {objective!r}")
+        if image_text_matching and objective != "image_text":
+            raise ConfigError(
+                "--model.image_text_matching is a stage-1 loss: set --model.objective image_text"
+            )
         if lr <= 0:
             raise ConfigError(f"--model.lr must be positive, got {lr}")
         if warmup_steps < 0:
@@ -184,6 +202,7 @@ class CSMCIRModule(L.LightningModule):
                 "mask_duplicate_targets": mask_duplicate_targets,
                 "symmetric_loss": symmetric_loss,
                 "objective": objective,
+                "image_text_matching": image_text_matching,
             }
         )
         self.model = None  # built in setup() or from a checkpoint
@@ -191,6 +210,7 @@ class CSMCIRModule(L.LightningModule):
         # The memory bank plugs in here (see NegativeSource): each training step asks it for
         # extra negatives of this batch's queries and hands it this batch's targets.
         self.memory_bank: NegativeSource | None = None
+        self.matching_head: torch.nn.Linear | None = None  # built with the model (its width)
         self.bank_config = MemoryBankConfig(**bank) if isinstance(bank, dict) else bank
         self._probe: tuple[list[str], dict[str, Tensor]] | None = None
         self._val_outputs: dict[int, dict[int, list[tuple[Tensor, Tensor]]]] = {}
@@ -206,6 +226,7 @@ class CSMCIRModule(L.LightningModule):
                 datamodule.require_captions()  # before the (possibly slow) model build
             self.model = self._build_model(datamodule)
         self._build_bank()
+        self._build_matching_head()
         datamodule.attach(self.model, target_captions=stage_one)
         if stage == "fit":
             self._check_precision()
@@ -254,6 +275,17 @@ class CSMCIRModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             f"memory_bank.{name}" for name, _ in self.memory_bank.named_buffers()
         ]
+
+    def _build_matching_head(self) -> None:
+        if self.matching_head is not None or not self.hparams.get("image_text_matching"):
+            return
+        if not hasattr(self.model, "matching_features"):
+            raise ConfigError(
+                f"--model.image_text_matching needs a model with a joint image-text pass; a "
+                f"{type(self.model).__name__} has none"
+            )
+        width = self.model.config.qformer["hidden_size"]
+        self.matching_head = torch.nn.Linear(width, 2).to(self.model.device)
 
     def _build_model(self, datamodule):
         from csmcir.hub import MODEL, resolve
@@ -309,11 +341,13 @@ class CSMCIRModule(L.LightningModule):
         return loss
 
     def _image_text_step(self, batch: dict[str, Any], image: str) -> Tensor:
-        """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions.
-        A target that occurs twice in the batch is not its own copy's negative."""
-        similarities = self.model.image_text_similarity(
-            batch["target_caption"], **{image: batch["target_image"]}
-        )
+        """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions,
+        plus image-text matching when asked. A target that occurs twice in the batch is not its
+        own copy's negative."""
+        texts, inputs = batch["target_caption"], {image: batch["target_image"]}
+        if self.matching_head is not None and image == "pixel_values":
+            inputs = {"vision_features": self.model.vision_features(inputs[image])}  # once
+        similarities = self.model.image_text_similarity(texts, **inputs)
         keys = batch["target_key"]
         ignore = keys[None, :] == keys[:, None]
         tau = self.temperature()
@@ -324,7 +358,28 @@ class CSMCIRModule(L.LightningModule):
         batch_size = similarities.shape[0]
         self.log("train/image_text_loss", loss, batch_size=batch_size)
         self.log("train/temperature", tau.detach(), batch_size=batch_size)
+        if self.matching_head is not None:
+            matching = self._matching_loss(texts, inputs["vision_features"], similarities / tau)
+            self.log("train/matching_loss", matching, batch_size=batch_size)
+            loss = loss + matching
         return loss
+
+    def _matching_loss(self, texts: list[str], vision: Tensor, logits: Tensor) -> Tensor:
+        """BLIP-2's ITM: the batch's pairs, each image with a hard negative caption and each
+        caption with a hard negative image. A caption another image shares is no negative."""
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=logits.device)
+        image_rows, negative_texts = hard_negatives(logits, same)
+        text_rows, negative_images = hard_negatives(logits.T, same)
+        images = torch.cat(
+            [torch.arange(len(texts), device=vision.device), image_rows, negative_images]
+        )
+        paired = [
+            *texts,
+            *(texts[i] for i in negative_texts.tolist()),
+            *(texts[i] for i in text_rows.tolist()),
+        ]
+        features = self.model.matching_features(paired, vision_features=vision[images])
+        return matching_loss(self.matching_head(features.float()), len(texts))
 
     def _references(self, batch: dict[str, Any], image: str) -> dict[str, Tensor]:
         """The query side's image input. From pixels the ViT runs once per distinct reference:
