@@ -11,7 +11,7 @@ from csmcir.model import CSMCIR
 from csmcir.train.stage_one import (
     NAMES,
     PRETRAINED,
-    RECIPE,
+    RECIPES,
     SHIPPED,
     WEIGHTS,
     make,
@@ -22,7 +22,7 @@ from csmcir.train.stage_one import (
 
 @pytest.mark.parametrize("preset", ["tiny", "clip4cir-tiny"])
 def test_stage_one_regenerates_bit_for_bit(preset: str, tmp_path: Path):
-    recipe = {**RECIPE, "steps": 2, "batch_size": 8}
+    recipe = {**RECIPES[preset], "steps": 2, "batch_size": 8}
     sizes = {"train_refs": 12, "val_refs": 4, "test_refs": 4}
     first = make(tmp_path / "a", tmp_path / "work_a", recipe, sizes, preset)
     second = make(tmp_path / "b", tmp_path / "work_b", recipe, sizes, preset)
@@ -45,6 +45,7 @@ def test_stage_one_regenerates_bit_for_bit(preset: str, tmp_path: Path):
 def test_the_shipped_weights_are_the_ones_their_record_names(preset: str):
     """Each preset's shipped weights match their record and load by their name alone."""
     record = shipped_record(PRETRAINED / NAMES[preset])
-    assert record["recipe"] == RECIPE and record["sizes"] is None and record["preset"] == preset
+    assert record["recipe"] == RECIPES[preset] and record["sizes"] is None
+    assert record["preset"] == preset
     assert CSMCIR.from_pretrained(NAMES[preset]).config.preset == preset
     assert PRETRAINED / NAMES["tiny"] == SHIPPED  # the quickstart's start

@@ -1,5 +1,5 @@
-"""The tiny presets' stage-1 weights: image-text contrastive pretraining on synthetic images and
-their captions. ``csmcir quickstart`` fine-tunes the CSMCIR one, as the real method fine-tunes
+"""The tiny presets' stage-1 weights: image-text pretraining on synthetic images and their
+captions. ``csmcir quickstart`` fine-tunes the CSMCIR one, as the real method fine-tunes
 BLIP-2's stage-1 Q-Former instead of random weights; the CLIP4Cir baseline's comparison starts its
 tiny CLIP from the other, as CLIP4Cir starts from a pretrained CLIP.
 
@@ -11,7 +11,9 @@ What the weights have seen: the training-split images of their own synthetic ben
 1000) and the oracle captions of those images, nothing else. No modification text, no triplet
 (batches are drawn at random, not a reference's queries together) and no val or test image
 trains them. Both presets train on the same data with the same recipe; the loss is BLIP-2's
-image-text contrastive loss for CSMCIR and CLIP's for the baseline. The tokenizer's vocabulary
+image-text contrastive and matching losses for CSMCIR (matching trains the joint image-text pass
+that CSMCIR's embeddings read) and CLIP's contrastive loss for the baseline, which has no joint
+pass. The tokenizer's vocabulary
 is built from those captions and the words of the modification templates
 (:func:`~csmcir.data.synth_text.template_words`), not from any modification text. One torch
 thread, so the sums run in one order: the same CPU kind gives the same bytes (``--check`` says
@@ -38,7 +40,9 @@ NAMES = {"tiny": "synthcir-tiny-stage1", "clip4cir-tiny": "synthcir-clip4cir-tin
 SHIPPED = PRETRAINED / NAMES["tiny"]  # the quickstart's start
 RECORD = "stage_one.json"  # in the shipped folder: how it was made and its weights' SHA-256
 WEIGHTS = "model.safetensors"
-RECIPE: dict[str, Any] = {"seed": 1000, "steps": 1000, "batch_size": 64, "lr": 1.0e-3}
+RECIPE: dict[str, Any] = {"seed": 1000, "steps": 3000, "batch_size": 64, "lr": 1.0e-3}
+# BLIP-2's stage 1 also trains image-text matching on its joint pass; CLIP has no joint pass
+RECIPES = {"tiny": {**RECIPE, "image_text_matching": True}, "clip4cir-tiny": RECIPE}
 SMALL = {"train_refs": 300, "val_refs": 24, "test_refs": 24}  # --small: a smoke test
 
 
@@ -84,6 +88,7 @@ def make(
         "fit", "--config", "synthcir", "--seed_everything", str(seed),
         "--threads", "1", "--model.init_from", str(work / "start"),
         "--model.objective", "image_text", "--model.lr", str(recipe["lr"]),
+        "--model.image_text_matching", str(recipe.get("image_text_matching", False)).lower(),
         "--model.bank.enabled", "false", "--data.root", str(data),
         "--data.captions", str(captions), "--data.group_by_reference", "false",
         "--data.batch_size", str(recipe["batch_size"]), "--trainer.max_steps", steps,
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a tiny benchmark (a smoke test)")
     parser.add_argument("--steps", type=int, help=f"stage-1 steps (default {RECIPE['steps']})")
     args = parser.parse_args(argv)
-    recipe = {**RECIPE, **({"steps": args.steps} if args.steps else {})}
+    recipe = {**RECIPES[args.preset], **({"steps": args.steps} if args.steps else {})}
     out = args.out or PRETRAINED / NAMES[args.preset]
     with tempfile.TemporaryDirectory(prefix="csmcir-stage1-") as tmp:
         work = Path(tmp)
