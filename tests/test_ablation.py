@@ -545,6 +545,8 @@ def test_a_row_fine_tunes_a_shipped_model_on_every_seed(tmp_path, fit_yaml):
     assert [c[c.index("--model.init_from") + 1] for c in fits] == [shipped, shipped]
     cell = grid.cells()[0]
     assert grid.starting_weights(cell)[1] == CSMCIR.from_pretrained(shipped).fingerprint()
+    # a dry run keys the cells by the model's weights too, so it sees they would be reused
+    assert [reason for *_, reason in grid.plan()] == [None, None]
 
 
 def test_runner_records_runs_failures_and_resumes(tmp_path, fit_yaml):

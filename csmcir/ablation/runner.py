@@ -356,7 +356,10 @@ class Grid:
             if self.config.captions[cell.variant.captions].file is None:
                 return "its caption file is built first"
             return f"caption file {cell.variant.captions!r} not found: {captions} (make it first)"
-        fingerprint = self.read_result(parent.folder)["fingerprint"] if parent else None
+        if parent is not None:
+            fingerprint = self.read_result(parent.folder)["fingerprint"]
+        else:  # a start model's, as the run keys it (None when the row starts from a preset)
+            fingerprint = self.starting_weights(cell)[1]
         key = self.cell_key(fit, evaluate, captions, fingerprint)
         return stale_reason(self.read_result(cell.folder), key, self.force)
 
