@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from csmcir.data.captions import load_captions
+from csmcir.data.synth_scenes import ATTRIBUTES
 from csmcir.errors import DataError
+from csmcir.io import read_json
 from csmcir.model import CSMCIR
 from csmcir.train.stage_one import (
     NAMES,
@@ -35,6 +38,14 @@ def test_stage_one_regenerates_bit_for_bit(preset: str, tmp_path: Path):
     wordpiece = model.tokenizer if preset == "tiny" else model.tokenizer.tokenizer
     ids = wordpiece("take away the small red square in the top left, leaving two objects")
     assert wordpiece.unk_token_id not in ids["input_ids"]
+    # ...and is built from the training captions: their words are whole tokens and every caption
+    # is read to its end (template words alone spell colours and shapes letter by letter, which
+    # cut a caption after its first object)
+    data = tmp_path / "work_a" / "data"
+    train = read_json(data / "image_splits" / "split.rc2.train.json", "split")
+    captions = [c for i, c in load_captions(data / "mcot_captions.json").items() if i in train]
+    assert captions and not any(t.startswith("##") for c in captions for t in wordpiece.tokenize(c))
+    assert model.truncated(captions) == [None] * len(captions)
     assert shipped_record(tmp_path / "a") == first
     (tmp_path / "a" / WEIGHTS).write_bytes(b"not the weights")
     with pytest.raises(DataError, match="SHA-256 differs"):
@@ -47,5 +58,10 @@ def test_the_shipped_weights_are_the_ones_their_record_names(preset: str):
     record = shipped_record(PRETRAINED / NAMES[preset])
     assert record["recipe"] == RECIPES[preset] and record["sizes"] is None
     assert record["preset"] == preset
-    assert CSMCIR.from_pretrained(NAMES[preset]).config.preset == preset
+    model = CSMCIR.from_pretrained(NAMES[preset])
+    assert model.config.preset == preset
+    wordpiece = model.tokenizer if preset == "tiny" else model.tokenizer.tokenizer
+    assert all(
+        wordpiece.tokenize(word) == [word] for values in ATTRIBUTES.values() for word in values
+    )
     assert PRETRAINED / NAMES["tiny"] == SHIPPED  # the quickstart's start

@@ -76,8 +76,10 @@ def make(
         ["run", *common, "--train-targets-only", "--backend", "oracle", "--out", str(shards)]
     )
     caption_main(["merge", str(shards), "--out", str(captions)])
-    train_images = set(splits["train"].names)
+    train_images = set(splits["train"].names.values())  # names maps scene -> image id
     texts = [c for i, c in sorted(load_captions(captions).items()) if i in train_images]
+    if not texts:
+        raise DataError(f"{captions} has no caption of a training image: no corpus to build on")
     start = CSMCIR.from_preset(
         preset, tokenizer_corpus=[*texts, *template_words()], vocab_size=2048, seed=seed
     )
