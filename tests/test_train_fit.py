@@ -255,6 +255,28 @@ def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
         CSMCIRModule(image_text_matching=True)
 
 
+def test_fit_says_before_training_which_texts_the_model_cuts(
+    synthcir: Path, captions: Path, tmp_path: Path, capsys
+):
+    one_step = ("--trainer.max_steps", "1", "--trainer.val_check_interval", "1")
+    run(fit_args(synthcir, captions, tmp_path / "whole", *one_step))
+    assert "longer than the model reads" not in capsys.readouterr().err
+    short = ("--model.model_options", "{max_text_length: 12}")
+    cli = run(fit_args(synthcir, captions, tmp_path / "cut", *one_step, *short))
+    # known answer: the texts with more than 12 tokens, [CLS] and [SEP] included
+    split = load_split("synthcir", synthcir, "train")
+    tokenizer, texts = cli.model.model.tokenizer, {q.texts[0] for q in split.queries}
+    mods = sum(len(tokenizer(t)["input_ids"]) > 12 for t in texts)
+    caps = json.loads(captions.read_text())
+    targets = [caps[i]["Final_Caption"] for i in {q.target for q in split.queries}]
+    long_captions = sum(len(tokenizer(t)["input_ids"]) > 12 for t in targets)
+    assert 0 < mods < len(texts) and 0 < long_captions <= len(targets)
+    assert (
+        f"{mods} of {len(texts)} modification texts and {long_captions} of {len(targets)} "
+        "target captions of the training data are longer than the model reads"
+    ) in capsys.readouterr().err
+
+
 def test_image_text_matching_needs_a_joint_pass():
     """The CLIP4Cir baseline has no joint image-text pass for a matching head to read."""
     from csmcir.baselines import CLIP4Cir

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +415,7 @@ class CSMCIR(nn.Module):
         tower: QFormerTower,
         texts: Sequence[str],
         vision: torch.Tensor,
-        output=QFormerTower.fused,
+        output: Callable[..., torch.Tensor] = QFormerTower.fused,
     ) -> torch.Tensor:
         tokens = self.tokenize(texts)
         if tokens["input_ids"].shape[0] != vision.shape[0]:

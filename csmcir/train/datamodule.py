@@ -25,7 +25,7 @@ from csmcir.data.captions import load_captions
 from csmcir.data.layout import first_few
 from csmcir.data.prefetch import PrefetchLoader, loader_options
 from csmcir.data.records import CIRSplit
-from csmcir.errors import ConfigError, DataError
+from csmcir.errors import ConfigError, DataError, warn
 from csmcir.model.features import CachedFeatures
 from csmcir.train.datasets import TrainTriplets, ValidationItems
 from csmcir.train.sampler import EpochShuffleSampler
@@ -259,6 +259,31 @@ class CIRDataModule(L.LightningDataModule):
         self.model = model
         self.needs_captions = needs_captions
         self._images = None
+
+    def say_cut_texts(self, modification_texts: bool = True) -> dict[str, int]:
+        """Warn before training when the attached model reads only the start of its training
+        texts (longer than its text length, or split by its vocabulary into many pieces):
+        eval says so too, but only after the training it spoiled. Returns the counts."""
+        train = self._load_train()
+        texts = {}
+        if modification_texts:
+            texts["modification texts"] = sorted({s.eval_text(q) for s in train for q in s.queries})
+        if self.needs_captions and self.captions is not None:
+            targets = {q.target for s in train for q in s.queries} & self.captions.keys()
+            texts["target captions"] = [self.captions[t] for t in sorted(targets)]
+        total = {name: len(group) for name, group in texts.items()}
+        cut = {
+            name: sum(kept is not None for kept in self.model.truncated(group))
+            for name, group in texts.items()
+        }
+        if any(cut.values()):
+            counts = " and ".join(f"{cut[n]} of {total[n]} {n}" for n in texts if cut[n])
+            warn(
+                f"{counts} of the training data are longer than the model reads and are cut to "
+                "their first tokens (a longer text length, or a vocabulary with their words, "
+                "lets it read them whole)"
+            )
+        return cut
 
     def require_captions(self) -> None:
         """A DataError with the command that makes them, unless every target has a caption."""

@@ -230,6 +230,7 @@ class CSMCIRModule(L.LightningModule):
         datamodule.attach(self.model, target_captions=stage_one)
         if stage == "fit":
             self._check_precision()
+            datamodule.say_cut_texts(modification_texts=not stage_one)
 
     def _check_precision(self) -> None:
         """The model's ``precision`` is its own autocast (the same in training, validation,
