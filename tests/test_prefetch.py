@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from csmcir.data import prefetch
 from csmcir.data.prefetch import Ahead, PrefetchLoader
 from csmcir.errors import DataError
 
@@ -58,3 +59,16 @@ def test_a_reader_that_stops_early_stops_the_thread() -> None:
     del batches  # as Lightning drops the iterator at max_steps
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_close_and_interpreter_exit_wait_for_the_thread() -> None:
+    """A thread still running at exit is joined first: cut off inside a torch copy, a daemon
+    thread aborts the process."""
+    closed = iter(PrefetchLoader(Numbers(1000), batch_size=2, prefetch=2))
+    live = iter(PrefetchLoader(Numbers(1000), batch_size=2, prefetch=2))
+    next(closed), next(live)
+    closed.close()
+    assert not closed.thread.is_alive() and next(closed, "end") == "end"
+    assert live.thread.is_alive()
+    prefetch._close_live()  # what atexit runs
+    assert not live.thread.is_alive()

@@ -11,14 +11,17 @@ interpreter well. The batches and their order are the DataLoader's own.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 _BATCH, _END, _ERROR = range(3)
+_JOIN_S = 30.0  # a batch in the making is finished first; longer is a source that hangs
 
 
 def loader_options(*, features: bool, num_workers: int, on_cuda: bool) -> dict[str, Any]:
@@ -57,7 +60,9 @@ class Ahead:
 
     An error of ``source`` (a missing feature row) is raised in the reader, in order. A reader
     that stops early (Lightning at ``max_steps``) drops the iterator, which stops the thread: the
-    thread holds only the queue and the stop flag, never the iterator itself.
+    thread holds only the queue and the stop flag, never the iterator itself. One still alive at
+    interpreter exit is stopped and joined first: a daemon thread cut off inside a torch copy
+    aborts the process ("terminate called without an active exception").
     """
 
     def __init__(self, source: Iterator[Any], depth: int) -> None:
@@ -68,6 +73,7 @@ class Ahead:
             target=_fill, args=(source, self.queue, self.stopped), name="prefetch", daemon=True
         )
         self.thread.start()
+        _LIVE.add(self)
 
     def __iter__(self) -> Ahead:
         return self
@@ -84,11 +90,23 @@ class Ahead:
         raise StopIteration
 
     def close(self) -> None:
+        """Stop the thread and wait for it (it finishes the batch it is making)."""
         self.done = True
         self.stopped.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(_JOIN_S)
 
     def __del__(self) -> None:
         self.stopped.set()
+
+
+_LIVE: weakref.WeakSet[Ahead] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for ahead in list(_LIVE):
+        ahead.close()
 
 
 def _fill(source: Iterator[Any], out: queue.Queue, stopped: threading.Event) -> None:
