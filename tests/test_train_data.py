@@ -13,7 +13,14 @@ from csmcir.data.batches import ImageSource, InMemoryImages, collate
 from csmcir.data.records import CIRQuery, CIRSplit
 from csmcir.errors import ConfigError
 from csmcir.train.datamodule import PLANS, CIRDataModule, caption_command
-from csmcir.train.datasets import GALLERY, QUERY, TrainTriplets, ValidationItems, sample_rng
+from csmcir.train.datasets import (
+    GALLERY,
+    QUERY,
+    TrainTriplets,
+    ValidationItems,
+    first_clauses,
+    sample_rng,
+)
 from csmcir.train.sampler import EpochShuffleSampler
 
 
@@ -131,6 +138,29 @@ def test_train_triplets(split: CIRSplit):
     texts = {data[(0, epoch)]["text"] for epoch in range(20)}
     assert texts == {"a", "b"}  # the text changes with the epoch, deterministically
     assert TrainTriplets([split], images, None)[0]["target_caption"] is None
+
+
+def test_first_clauses_cut_a_caption_at_its_clause_breaks():
+    caption = "large red circle top left, small blue square center and a cyan cross; two dots."
+    assert first_clauses(caption, 1) == "large red circle top left"
+    assert (
+        first_clauses(caption, 3)
+        == "large red circle top left, small blue square center, a cyan cross"
+    )
+    assert first_clauses(caption, 4) == caption  # no more clauses than asked: whole
+
+
+def test_train_triplets_cut_their_captions_and_nothing_else(split: CIRSplit):
+    images = ImageSource(split.image_paths, to_tensor)
+    captions = {"img1": "red ball, blue cube and green cone", "img2": "one dot"}
+    whole = TrainTriplets([split], images, captions, seed=7)
+    cut = TrainTriplets([split], images, captions, seed=7, caption_clauses=1)
+    assert [cut[(i, 3)]["target_caption"] for i in range(3)] == ["red ball", "one dot", "red ball"]
+    assert captions["img1"] == "red ball, blue cube and green cone"  # the caller's dict kept
+    for key in ((0, 3), (1, 5), (2, 0)):
+        assert {**cut[key], "target_caption": None} == {**whole[key], "target_caption": None}
+    with pytest.raises(ConfigError, match=r"--data\.caption_clauses"):
+        CIRDataModule("synthcir", Path(), caption_clauses=-1)
 
 
 def test_in_memory_images_decode_once(split: CIRSplit):

@@ -108,6 +108,8 @@ class CIRDataModule(L.LightningDataModule):
         seed: data-order seed; default the ``seed_everything`` seed.
         group_by_reference: batch the queries of one reference image together, so each one's
             siblings (same image, another modification) are in-batch hard negatives.
+        caption_clauses: cut each training target caption to its first this many clauses (0:
+            whole; validation reads them whole): a stage-1 option (docs/training.md).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class CIRDataModule(L.LightningDataModule):
         drop_missing: bool = False,
         seed: int | None = None,
         group_by_reference: bool = False,
+        caption_clauses: int = 0,
     ) -> None:
         super().__init__()
         if benchmark not in PLANS:
@@ -134,8 +137,9 @@ class CIRDataModule(L.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if value < 1:
                 raise ConfigError(f"--data.{key} must be at least 1, got {value}")
-        if num_workers < 0:
-            raise ConfigError(f"--data.num_workers must be 0 or more, got {num_workers}")
+        for key, value in (("num_workers", num_workers), ("caption_clauses", caption_clauses)):
+            if value < 0:
+                raise ConfigError(f"--data.{key} must be 0 or more, got {value}")
         if categories is not None and benchmark != "fashioniq":
             raise ConfigError("--data.categories applies to fashioniq only")
         # strings, not Paths: checkpoints must load with torch.load(weights_only=True)
@@ -153,6 +157,7 @@ class CIRDataModule(L.LightningDataModule):
                 "drop_missing": drop_missing,
                 "seed": seed,
                 "group_by_reference": group_by_reference,
+                "caption_clauses": caption_clauses,
             }
         )
         self.benchmark = benchmark
@@ -165,6 +170,7 @@ class CIRDataModule(L.LightningDataModule):
         self.features = Path(features) if features is not None else None
         self.drop_missing = drop_missing
         self.group_by_reference = group_by_reference
+        self.caption_clauses = caption_clauses
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         from csmcir.data.fashioniq import CATEGORIES
 
@@ -353,6 +359,7 @@ class CIRDataModule(L.LightningDataModule):
             self._image_source(loaded.train, queries_only=True),
             self._captions_for_model(),
             self.seed,
+            self.caption_clauses,
         )
         world, rank = self._world()
         if len(dataset) < self.batch_size * world:

@@ -9,6 +9,7 @@ any worker, after a resume, on any number of ranks.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,14 @@ from csmcir.data.records import CIRQuery, CIRSplit
 
 # Validation items are gallery targets (encoded with encode_target) or queries (encode_query).
 GALLERY, QUERY = 0, 1
+CLAUSE_BREAK = re.compile(r"\s*[,;]\s*|\s+and\s+")  # where a description's clauses part
+
+
+def first_clauses(caption: str, clauses: int) -> str:
+    """The caption's first ``clauses`` clauses (parted at commas, semicolons and "and"); the
+    whole caption when it has no more. Why a stage 1 may want them: docs/training.md."""
+    parts = [part for part in CLAUSE_BREAK.split(caption.strip().rstrip(".")) if part]
+    return caption if len(parts) <= clauses else ", ".join(parts[:clauses])
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -38,6 +47,8 @@ class TrainTriplets(BatchedImages, Dataset):
 
     ``image_keys`` numbers every image id of the union of splits: batches carry these integers
     so that equal targets can be found across DDP ranks (strings cannot be all-gathered).
+    ``caption_clauses``: each target caption is cut to its first that many clauses
+    (:func:`first_clauses`); 0 keeps it whole.
     """
 
     image_fields = ("reference_image", "target_image")
@@ -48,9 +59,12 @@ class TrainTriplets(BatchedImages, Dataset):
         images: BatchSource,
         captions: dict[str, str] | None,
         seed: int = 0,
+        caption_clauses: int = 0,
     ) -> None:
         self.items = [TrainItem(s, q) for s in splits for q in s.queries]
         self.images = images
+        if captions is not None and caption_clauses:
+            captions = {i: first_clauses(c, caption_clauses) for i, c in captions.items()}
         self.captions = captions
         self.seed = seed
         ids: dict[str, None] = {}
