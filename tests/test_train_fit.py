@@ -22,6 +22,7 @@ from csmcir.packaged import config_file
 from csmcir.threads import LANES_ENV
 from csmcir.train.cli import run
 from csmcir.train.datamodule import CIRDataModule, caption_command
+from csmcir.train.datasets import first_clauses
 from csmcir.train.export import NamedCheckpointIO, model_from_checkpoint
 from csmcir.train.module import CSMCIRModule
 
@@ -274,6 +275,13 @@ def test_fit_says_before_training_which_texts_the_model_cuts(
     assert (
         f"{mods} of {len(texts)} modification texts and {long_captions} of {len(targets)} "
         "target captions of the training data are longer than the model reads"
+    ) in capsys.readouterr().err
+    # cut to their first clause, as training reads them, no caption is too long
+    run(fit_args(synthcir, captions, tmp_path / "clauses", *one_step, *short,
+                 "--data.caption_clauses", "1"))  # fmt: skip
+    assert sum(len(tokenizer(first_clauses(t, 1))["input_ids"]) > 12 for t in targets) == 0
+    assert (
+        f"{mods} of {len(texts)} modification texts of the training data are longer"
     ) in capsys.readouterr().err
 
 

@@ -27,7 +27,7 @@ from csmcir.data.prefetch import PrefetchLoader, loader_options
 from csmcir.data.records import CIRSplit
 from csmcir.errors import ConfigError, DataError, warn
 from csmcir.model.features import CachedFeatures
-from csmcir.train.datasets import TrainTriplets, ValidationItems
+from csmcir.train.datasets import TrainTriplets, ValidationItems, first_clauses
 from csmcir.train.sampler import EpochShuffleSampler
 
 
@@ -276,7 +276,10 @@ class CIRDataModule(L.LightningDataModule):
             texts["modification texts"] = sorted({s.eval_text(q) for s in train for q in s.queries})
         if self.needs_captions and self.captions is not None:
             targets = {q.target for s in train for q in s.queries} & self.captions.keys()
-            texts["target captions"] = [self.captions[t] for t in sorted(targets)]
+            captions = [self.captions[t] for t in sorted(targets)]
+            if self.caption_clauses:  # what training reads of them
+                captions = [first_clauses(c, self.caption_clauses) for c in captions]
+            texts["target captions"] = captions
         total = {name: len(group) for name, group in texts.items()}
         cut = {
             name: sum(kept is not None for kept in self.model.truncated(group))
