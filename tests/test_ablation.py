@@ -750,6 +750,28 @@ def test_a_changed_model_config_default_reruns_the_rows_built_from_a_preset(
     )
 
 
+def test_a_setting_added_since_a_cell_ran_reruns_it_only_off_its_default(tmp_path, fit_yaml):
+    """A cell recorded before csmcir had a setting lacks it in its key: at its default the
+    setting changes nothing (the cell is reused), set to another value it reruns the cell."""
+    fake_grid(tmp_path, fit_yaml, FakeRuns(), BANK_ROWS).run_all()
+    for path in (tmp_path / "out/cells").glob("*/seed*/result.json"):  # keys from older csmcir
+        record = json.loads(path.read_text())
+        for part, setting in (("fit", "data.caption_clauses"), ("model", "tower")):
+            if record["key"][part] is not None:
+                del record["key"][part][setting]
+        record["key"]["fit"].pop("model.bank.open_entropy", None)  # a bank's, where it has one
+        path.write_text(json.dumps(record))
+    runs, said = rerun(tmp_path, fit_yaml)
+    assert runs.calls == [] and said == []
+    clauses = {**BANK_ROWS[1]["overrides"], "data.caption_clauses": 1}
+    rows = [BANK_ROWS[0], {**BANK_ROWS[1], "overrides": clauses}, BANK_ROWS[2]]
+    runs, said = rerun(tmp_path, fit_yaml, rows)
+    assert trained(runs) == ["no-bank/seed0", "no-bank/seed1"]
+    assert said[0] == (
+        "no-bank/seed0: runs again: fit config changed: data.caption_clauses (absent) -> 1"
+    )
+
+
 def test_cells_recorded_by_the_old_key_run_again_and_say_why(tmp_path, fit_yaml):
     fake_grid(tmp_path, fit_yaml, FakeRuns(), BANK_ROWS[:1]).run_all()
     path = tmp_path / "out/cells/bank/seed0/result.json"

@@ -3,8 +3,8 @@
 down. Each cell's outcome is one ``result.json`` written atomically at its end, with the cell's key:
 what decides its outcome (the csmcir version, the fit config as LightningCLI resolves it with every
 default filled in, the model config, the eval command, the captions' content, the starting
-weights). A rerun skips the cells whose key is unchanged, says why it reruns the others, and a
-killed cell simply runs again.
+weights). A rerun skips the cells whose key is unchanged (a setting added to csmcir since, at its
+default, is no change), says why it reruns the others, and a killed cell simply runs again.
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def lookup(tree: dict[str, Any], dotted: str) -> Any:
 
 def csmcir_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "csmcir", *args]
+
+
+# The fit command whose resolution holds every setting's default, the bank's included (a bank
+# that is not enabled resolves to None, which would hide the defaults of its settings).
+DEFAULTS_FIT = csmcir_argv("fit", "--model.bank.enabled", "true")
 
 
 @dataclass
@@ -322,7 +327,7 @@ class Grid:
         """Each cell's fit and eval commands and why it would run (None: its finished result
         would be reused), without running anything (``--dry-run``)."""
         planned = self._commands(self.cells())
-        self.resolve([fit for _, fit, _ in planned])
+        self.resolve([DEFAULTS_FIT, *(fit for _, fit, _ in planned)])
         reasons: dict[str, str | None] = {}
         for cell, fit, evaluate in planned:
             reasons[cell.key] = self._planned_reason(cell, fit, evaluate, reasons)
@@ -361,7 +366,7 @@ class Grid:
         else:  # a start model's, as the run keys it (None when the row starts from a preset)
             fingerprint = self.starting_weights(cell)[1]
         key = self.cell_key(fit, evaluate, captions, fingerprint)
-        return stale_reason(self.read_result(cell.folder), key, self.force)
+        return stale_reason(self.read_result(cell.folder), key, self.force, self.defaults())
 
     def resolve(self, fits: list[list[str]]) -> None:
         """Resolve the fit commands not resolved yet, together (one subprocess by default)."""
@@ -377,6 +382,13 @@ class Grid:
         if isinstance(resolved, str):
             raise CellError("config", resolved)
         return resolved
+
+    def defaults(self) -> dict[str, Any]:
+        """Every fit setting's default and the default preset's model config, flattened like a
+        cell key's parts: a setting added to csmcir after a cell ran is missing from its key,
+        and it changes nothing when it holds its default."""
+        resolved = self.resolved(DEFAULTS_FIT)
+        return {"fit": flatten(resolved["fit"]), "model": flatten(resolved["model"])}
 
     def cell_key(
         self,
@@ -419,7 +431,7 @@ class Grid:
             record = self._record(cell, "failed", {}, stage=failure.stage, error=[failure.error])
             atomic_write_json(cell.folder / RESULT, record)
             return record, True
-        reason = stale_reason(previous, key, self.force)
+        reason = stale_reason(previous, key, self.force, self.defaults())
         if reason is None:
             return previous, False
         if previous is not None:
@@ -495,7 +507,7 @@ class Grid:
         later wave than that cell; the records come back in :meth:`cells` order."""
         cells = self.cells()
         bar = tqdm(total=len(cells), desc="ablation", unit="run")
-        self.resolve([fit for _, fit, _ in self._commands(cells)])  # every cell's, in one go
+        self.resolve([DEFAULTS_FIT, *(fit for _, fit, _ in self._commands(cells))])  # in one go
         records: dict[str, dict[str, Any]] = {}
 
         def one(cell: Cell) -> None:
@@ -557,8 +569,15 @@ def pick_metrics(metrics: dict[str, dict[str, float]], wanted: tuple[str, ...]) 
     return {m: row[m] for m in wanted or row}
 
 
-def stale_reason(previous: dict[str, Any] | None, key: dict[str, Any], force: bool) -> str | None:
-    """Why a cell runs (again); None when its earlier result holds for ``key``."""
+def stale_reason(
+    previous: dict[str, Any] | None,
+    key: dict[str, Any],
+    force: bool,
+    defaults: dict[str, dict[str, Any]] | None = None,
+) -> str | None:
+    """Why a cell runs (again); None when its earlier result holds for ``key``. A setting that
+    the earlier key lacks and ``key`` holds at its default (``defaults``: the fit and model
+    parts' defaults, see :meth:`Grid.defaults`) was added to csmcir since, and changes nothing."""
     if previous is None:
         return "no earlier run"
     if force:
@@ -571,7 +590,23 @@ def stale_reason(previous: dict[str, Any] | None, key: dict[str, Any], force: bo
             "recorded by an older csmcir ablate, whose key held the commands only, not the "
             "resolved config"
         )
+    key = without_new_defaults(old, key, defaults or {})
     return None if old == key else changes(old, key)
+
+
+def without_new_defaults(
+    old: dict[str, Any], key: dict[str, Any], defaults: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``key`` less the settings that ``old`` lacks and that hold their default."""
+    trimmed = dict(key)
+    for part in ("fit", "model"):
+        before, after, default = old.get(part), key[part], defaults.get(part, {})
+        if before is None or after is None:
+            continue
+        trimmed[part] = {
+            k: v for k, v in after.items() if k in before or k not in default or default[k] != v
+        }
+    return trimmed
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> str:
