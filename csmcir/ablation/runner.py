@@ -604,7 +604,7 @@ def without_new_defaults(
         if before is None or after is None:
             continue
         trimmed[part] = {
-            k: v for k, v in after.items() if k in before or k not in default or default[k] != v
+            k: v for k, v in after.items() if k in before or default.get(k, ABSENT) != v
         }
     return trimmed
 
