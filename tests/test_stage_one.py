@@ -33,11 +33,17 @@ def test_stage_one_regenerates_bit_for_bit(preset: str, tmp_path: Path):
     assert first["sha256"] == second["sha256"] == sha256(tmp_path / "a" / WEIGHTS)
     assert first["sizes"] == sizes and first["recipe"] == recipe and first["preset"] == preset
     assert first["sha256"] != sha256(tmp_path / "work_a" / "start" / WEIGHTS)  # it trained
-    # the baseline's CLIP reads each caption's first clause, CSMCIR's Q-Former all of it
+    # the baseline's CLIP reads each caption's first clause; CSMCIR's contrastive loss its
+    # first clause and its matching loss all of it
     config = next((tmp_path / "work_a" / "run").glob("logs/version_*/config.yaml"))
     cut = RECIPES[preset].get("caption_clauses", 0)
-    assert yaml.safe_load(config.read_text())["data"]["caption_clauses"] == cut
+    contrastive = RECIPES[preset].get("contrastive_clauses", 0)
+    fitted = yaml.safe_load(config.read_text())
+    assert fitted["data"]["caption_clauses"] == cut
+    assert fitted["model"]["contrastive_clauses"] == contrastive
     assert ("(their first clause)" in first["trained_on"]) == (cut == 1)
+    said = "(the contrastive loss reading their first clause, matching them whole)"
+    assert (said in first["trained_on"]) == (contrastive == 1)
     model = CSMCIR.from_pretrained(tmp_path / "a")
     assert model.config.preset == preset
     # the vocabulary reads modification texts it never saw without unknown tokens

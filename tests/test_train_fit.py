@@ -252,7 +252,7 @@ def test_an_image_text_run_trains_stage_one_and_a_cir_run_starts_from_it(
     assert str(start_dir) == cli.model.hparams.init_from
     with pytest.raises(ConfigError, match=r"--model\.objective must be cir or image_text"):
         CSMCIRModule(objective="itc")
-    with pytest.raises(ConfigError, match="image_text_matching is a stage-1 loss"):
+    with pytest.raises(ConfigError, match="image_text_matching is a stage-1 option"):
         CSMCIRModule(image_text_matching=True)
 
 
@@ -283,6 +283,39 @@ def test_fit_says_before_training_which_texts_the_model_cuts(
     assert (
         f"{mods} of {len(texts)} modification texts of the training data are longer"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a step without a trainer
+def test_stage_one_contrastive_loss_reads_first_clauses_and_matching_whole_captions():
+    """With contrastive_clauses the contrastive side reads each caption's first clauses, and
+    the matching loss, the joint pass CIR fine-tuning reads, the captions whole."""
+    captions = ["large red square top left, small blue circle center", "small green cross center"]
+    module = CSMCIRModule(objective="image_text", image_text_matching=True, contrastive_clauses=1)
+    module.model = CSMCIR.from_preset("tiny", captions, vocab_size=256, seed=0)
+    module._build_matching_head()
+    read: dict[str, list[str]] = {}
+
+    def recording(name: str):
+        encode = getattr(module.model, name)
+
+        def encode_and_record(texts: list[str], **inputs):
+            read[name] = list(texts)
+            return encode(texts, **inputs)
+
+        return encode_and_record
+
+    for name in ("image_text_similarity", "matching_features"):
+        setattr(module.model, name, recording(name))
+    pixels = torch.rand(2, 3, 64, 64)
+    batch = {"target_caption": captions, "target_image": pixels, "target_key": torch.arange(2)}
+    loss = module._image_text_step(batch, "pixel_values")
+    assert torch.isfinite(loss)
+    assert read["image_text_similarity"] == ["large red square top left", captions[1]]
+    assert read["matching_features"][:2] == captions  # the pairs, then the hard negatives
+    with pytest.raises(ConfigError, match="contrastive_clauses is a stage-1 option"):
+        CSMCIRModule(contrastive_clauses=1)
+    with pytest.raises(ConfigError, match="contrastive_clauses must be 0"):
+        CSMCIRModule(objective="image_text", contrastive_clauses=-1)
 
 
 def test_image_text_matching_needs_a_joint_pass():

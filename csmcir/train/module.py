@@ -26,7 +26,7 @@ from torch import Tensor
 
 from csmcir.errors import ConfigError
 from csmcir.model.modes import eval_mode
-from csmcir.train.datasets import GALLERY, QUERY
+from csmcir.train.datasets import GALLERY, QUERY, first_clauses
 from csmcir.train.export import CHECKPOINT_KEY, checkpoint_entry, model_from_entry, tokenizer_files
 from csmcir.train.loss import (
     Temperature,
@@ -141,6 +141,12 @@ class CSMCIRModule(L.LightningModule):
             by contrastive similarity). The contrastive loss trains only the image-only and
             text-only passes; this trains the joint pass, the one CSMCIR's embeddings read. The
             head is stage 1's own and is not exported. Models with a joint pass only (CSMCIR).
+        contrastive_clauses: with ``objective: image_text``, the contrastive loss reads each
+            caption's first this many clauses (:func:`~csmcir.train.datasets.first_clauses`)
+            and the matching loss reads it whole (0: both whole). The contrastive loss then
+            aligns each image with one object, and the joint pass, the one CIR fine-tuning
+            reads, still sees the whole captions the targets are encoded with
+            (docs/training.md).
     """
 
     def __init__(
@@ -163,13 +169,23 @@ class CSMCIRModule(L.LightningModule):
         bank: MemoryBankConfig | None = None,
         objective: Objective = "cir",
         image_text_matching: bool = False,
+        contrastive_clauses: int = 0,
     ) -> None:
         super().__init__()
         if objective not in ("cir", "image_text"):
             raise ConfigError(f"--model.objective must be cir or image_text, got {objective!r}")
-        if image_text_matching and objective != "image_text":
+        for name, given in (
+            ("image_text_matching", image_text_matching),
+            ("contrastive_clauses", contrastive_clauses),
+        ):
+            if given and objective != "image_text":
+                raise ConfigError(
+                    f"--model.{name} is a stage-1 option: set --model.objective image_text"
+                )
+        if contrastive_clauses < 0:
             raise ConfigError(
-                "--model.image_text_matching is a stage-1 loss: set --model.objective image_text"
+                f"--model.contrastive_clauses must be 0 (whole captions) or more, "
+                f"got {contrastive_clauses}"
             )
         if lr <= 0:
             raise ConfigError(f"--model.lr must be positive, got {lr}")
@@ -203,6 +219,7 @@ class CSMCIRModule(L.LightningModule):
                 "symmetric_loss": symmetric_loss,
                 "objective": objective,
                 "image_text_matching": image_text_matching,
+                "contrastive_clauses": contrastive_clauses,
             }
         )
         self.model = None  # built in setup() or from a checkpoint
@@ -342,13 +359,16 @@ class CSMCIRModule(L.LightningModule):
         return loss
 
     def _image_text_step(self, batch: dict[str, Any], image: str) -> Tensor:
-        """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions,
-        plus image-text matching when asked. A target that occurs twice in the batch is not its
-        own copy's negative."""
+        """Stage 1: symmetric image-text InfoNCE over the batch's target images and captions
+        (their first ``contrastive_clauses`` clauses, if set), plus image-text matching on the
+        whole captions when asked. A target that occurs twice in the batch is not its own
+        copy's negative."""
         texts, inputs = batch["target_caption"], {image: batch["target_image"]}
         if self.matching_head is not None and image == "pixel_values":
             inputs = {"vision_features": self.model.vision_features(inputs[image])}  # once
-        similarities = self.model.image_text_similarity(texts, **inputs)
+        clauses = self.hparams.get("contrastive_clauses", 0)
+        contrastive = [first_clauses(t, clauses) for t in texts] if clauses else texts
+        similarities = self.model.image_text_similarity(contrastive, **inputs)
         keys = batch["target_key"]
         ignore = keys[None, :] == keys[:, None]
         tau = self.temperature()

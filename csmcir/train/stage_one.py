@@ -99,6 +99,7 @@ def make(
         "--threads", "1", "--model.init_from", str(work / "start"),
         "--model.objective", "image_text", "--model.lr", str(recipe["lr"]),
         "--model.image_text_matching", str(recipe.get("image_text_matching", False)).lower(),
+        "--model.contrastive_clauses", str(recipe.get("contrastive_clauses", 0)),
         "--model.bank.enabled", "false", "--data.root", str(data),
         "--data.captions", str(captions), "--data.group_by_reference", "false",
         "--data.caption_clauses", str(recipe.get("caption_clauses", 0)),
@@ -108,8 +109,11 @@ def make(
     ])
     # fmt: on
     CSMCIR.from_pretrained(work / "run" / "model").save_pretrained(out)
-    cut = recipe.get("caption_clauses", 0)
-    clauses = {0: "", 1: " (their first clause)"}.get(cut, f" (their first {cut} clauses)")
+    clauses = ""
+    if cut := recipe.get("caption_clauses", 0):
+        clauses = f" ({their_first(cut)})"
+    elif cut := recipe.get("contrastive_clauses", 0):
+        clauses = f" (the contrastive loss reading {their_first(cut)}, matching them whole)"
     record = {
         "preset": preset,
         "recipe": recipe,
@@ -122,6 +126,11 @@ def make(
     }
     atomic_write_json(out / RECORD, record)
     return record
+
+
+def their_first(clauses: int) -> str:
+    """'their first clause', 'their first 2 clauses': what a stage 1 read of its captions."""
+    return "their first clause" if clauses == 1 else f"their first {clauses} clauses"
 
 
 def shipped_record(folder: Path = SHIPPED) -> dict[str, Any]:
