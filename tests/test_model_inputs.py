@@ -9,7 +9,7 @@ from PIL import Image
 from csmcir.errors import ConfigError, DataError
 from csmcir.model import CSMCIR, ImageConfig, build_wordpiece_tokenizer
 from csmcir.model.config import CLIP_MEAN, CLIP_STD
-from csmcir.model.tokenizer import BASE_ALPHABET, load_tokenizer
+from csmcir.model.tokenizer import BASE_ALPHABET, TokenMemo, load_tokenizer
 from csmcir.model.transforms import ImageTransform, target_pad
 
 CORPUS = ["make the red circle blue", "remove the red square", "the red one"]
@@ -71,6 +71,26 @@ def test_tokenizer_round_trip_and_truncation(tmp_path) -> None:
     assert enc["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     with pytest.raises(TypeError):
         model.tokenize("not a list")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_memo_gives_the_tokenizers_own_batches(side: str) -> None:
+    """Remembered ids, padded to the longest text or to the text length (CLIP's fixed one),
+    are exactly what the tokenizer's batch call returns, cut texts included; past its size
+    the memo starts afresh."""
+    tok = build_wordpiece_tokenizer(CORPUS)
+    tok.padding_side = side
+    memo = TokenMemo(tok, max_length=5, size=3)
+    texts = ["make the red circle blue", "red", "add a green square", "red"]
+    for pad_to, padding in ((None, True), (5, "max_length")):
+        own = tok(texts, padding=padding, truncation=True, max_length=5, return_tensors="pt")
+        ids, mask = memo(texts, pad_to=pad_to)
+        assert torch.equal(ids, own["input_ids"]) and torch.equal(mask, own["attention_mask"])
+        assert mask.sum(dim=1).tolist() == [5, 3, 5, 3]
+    assert ids.shape == (4, 5)
+    assert len(memo.ids) == 3
+    memo(["a new text"])
+    assert list(memo.ids) == ["a new text"]
 
 
 def normalised(rgb: tuple[int, int, int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from csmcir.errors import DataError
 from csmcir.io import atomic_write_json, read_json
 from csmcir.model.tokenizer import (
+    TokenMemo,
     build_wordpiece_tokenizer,
     check_tokenizer,
     kept_texts,
@@ -65,6 +66,7 @@ class WordPieceTokenizer:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
+        self.memo: TokenMemo | None = None  # for the context length of the first encode
 
     @classmethod
     def from_corpus(cls, texts: Sequence[str], vocab_size: int) -> WordPieceTokenizer:
@@ -79,13 +81,9 @@ class WordPieceTokenizer:
 
     def encode(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """``[B, context_length]`` ids; truncation keeps the final [SEP] the text tower pools."""
-        return self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=context_length,
-            return_tensors="pt",
-        )["input_ids"]
+        if self.memo is None or self.memo.max_length != context_length:
+            self.memo = TokenMemo(self.tokenizer, context_length)
+        return self.memo(texts, pad_to=context_length)[0]
 
     def kept_texts(self, texts: Sequence[str], context_length: int) -> list[str | None]:
         """Per text: None when it fits, else the start that :meth:`encode` keeps."""

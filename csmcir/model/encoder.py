@@ -27,7 +27,13 @@ from transformers.initialization import no_init_weights
 from csmcir.model.config import CSMCIRConfig
 from csmcir.model.fingerprint import tensor_fingerprint
 from csmcir.model.init import init_random_weights
-from csmcir.model.tokenizer import check_vocabulary, clamp_ids, kept_texts, mostly_unknown
+from csmcir.model.tokenizer import (
+    TokenMemo,
+    check_vocabulary,
+    clamp_ids,
+    kept_texts,
+    mostly_unknown,
+)
 from csmcir.model.transforms import ImageTransform
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,6 +192,7 @@ class CSMCIR(nn.Module):
         check_vocabulary(tokenizer, config.qformer.get("vocab_size", 30522))
         self.config = config
         self.tokenizer = tokenizer
+        self.token_memo = TokenMemo(tokenizer, config.max_text_length)
         self.transform = ImageTransform(config.image)
         if blip is None:
             blip = Blip2ForImageTextRetrieval(blip2_config(config))
@@ -289,20 +296,14 @@ class CSMCIR(nn.Module):
         """Pad to the longest text, truncate to ``max_text_length``; on the model's device."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str")
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_text_length,
-            return_tensors="pt",
-        )
+        ids, mask = self.token_memo(texts)
         vocab = self.config.qformer.get("vocab_size", 30522)
-        ids = clamp_ids(enc["input_ids"], vocab, self.tokenizer.unk_token_id)
+        ids = clamp_ids(ids, vocab, self.tokenizer.unk_token_id)
         # non-blocking: a host-to-device copy from pageable memory is staged at once, and a
         # blocking one would make the host wait for every kernel queued before it
         return {
             "input_ids": ids.to(self.device, non_blocking=True),
-            "attention_mask": enc["attention_mask"].to(self.device, non_blocking=True),
+            "attention_mask": mask.to(self.device, non_blocking=True),
         }
 
     def truncated(self, texts: Sequence[str]) -> list[str | None]:
