@@ -66,7 +66,7 @@ class WordPieceTokenizer:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
-        self.memo: TokenMemo | None = None  # for the context length of the first encode
+        self.memo: TokenMemo | None = None  # made for the context length encode is given
 
     @classmethod
     def from_corpus(cls, texts: Sequence[str], vocab_size: int) -> WordPieceTokenizer:
